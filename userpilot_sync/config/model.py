@@ -1,0 +1,325 @@
+"""Pydantic models of one sync job (one Userpilot environment -> one bucket location).
+
+See docs/configuration.md for every key with an example. Editable settings (title, frequency,
+filters, formats, layout, file sizes) may change between runs; the destination may not (its
+fingerprint is recorded by the first export and checked by every later one).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from userpilot_sync.schema.events import COLUMN_NAMES, EVENT_TYPES, REQUIRED_COLUMNS
+
+MAX_WINDOW_DAYS = 365
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_BUCKET_S3 = re.compile(r"^(?!xn--)(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET_GCS = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------- sources
+class DemoSourceConfig(_Model):
+    """The embedded demo generator (no credentials)."""
+
+    kind: Literal["demo"] = "demo"
+    events_per_day: int = Field(5000, ge=0, le=50_000_000)
+    seed: int = 42
+
+
+class FilesSourceConfig(_Model):
+    """A local folder of export chunk files (parquet, ndjson, csv, avro; any number per day)."""
+
+    kind: Literal["files"] = "files"
+    path: str
+
+
+class ExportApiSourceConfig(_Model):
+    """Userpilot's Bulk Data Export API. The API key is read from the env var ``api_key_env``."""
+
+    kind: Literal["export_api"] = "export_api"
+    base_url: str = "https://appex.userpilot.io"
+    api_key_env: str = "USERPILOT_API_KEY"
+    chunk_format: Literal["parquet", "ndjson", "csv", "avro"] = "parquet"
+    #: Seconds between status polls (first poll), growing by ``poll_backoff`` up to ``poll_max_interval_s``.
+    poll_interval_s: float = Field(5.0, gt=0)
+    poll_backoff: float = Field(1.5, ge=1)
+    poll_max_interval_s: float = Field(60.0, gt=0)
+    #: Bounded total wait for one export job (seconds).
+    max_wait_s: float = Field(3600.0, gt=0)
+    #: Bounded wait while another export job of the app token runs (409), seconds.
+    conflict_wait_s: float = Field(1800.0, ge=0)
+    max_retries: int = Field(6, ge=0, le=20)
+    request_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"{v!r} is not an environment variable name")
+        return v
+
+
+Source = Annotated[Union[DemoSourceConfig, FilesSourceConfig, ExportApiSourceConfig], Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------- destinations
+class LocalDestination(_Model):
+    """A local folder (``path``, relative paths are relative to the working directory)."""
+
+    kind: Literal["local"] = "local"
+    path: str = "exports"
+    prefix: str = ""
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "prefix": self.prefix.strip("/")}
+
+
+class S3Destination(_Model):
+    """An Amazon S3 (or S3-compatible) bucket; credentials from the standard AWS chain."""
+
+    kind: Literal["s3"] = "s3"
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    role_arn: str | None = None
+    external_id_env: str | None = None
+    sse: Literal["none", "AES256", "aws:kms"] = "none"
+    kms_key_id: str | None = None
+    checksum: Literal["when_supported", "when_required", "crc32", "sha256", "none"] = "when_supported"
+    multipart_threshold_bytes: int = Field(64 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_chunk_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    allow_deletes: bool = False
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not _BUCKET_S3.match(v) or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", v):
+            raise ValueError(f"{v!r} is not a valid S3 bucket name (3-63 lower-case letters, digits, '.', '-')")
+        return v
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, "bucket": self.bucket, "prefix": self.prefix.strip("/"),
+                "endpoint_url": self.endpoint_url or ""}
+
+
+class GcsDestination(_Model):
+    """A Google Cloud Storage bucket in ``project``; standard Google credentials."""
+
+    kind: Literal["gcs"] = "gcs"
+    bucket: str
+    project: str | None = None
+    prefix: str = ""
+    kms_key_name: str | None = None
+    credentials_file_env: str | None = None
+    resumable_threshold_bytes: int = Field(8 * 1024 * 1024, ge=256 * 1024)
+    allow_deletes: bool = False
+    #: How a re-export replaces an existing object: "overwrite" needs storage.objects.delete
+    #: (a custom role, see docs/destinations.md); "refuse" fails before writing.
+    overwrite: Literal["overwrite", "refuse"] = "overwrite"
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not _BUCKET_GCS.match(v) or ".." in v or v.startswith("goog"):
+            raise ValueError(f"{v!r} is not a valid GCS bucket name")
+        return v
+
+    def fingerprint(self) -> dict:
+        return {"kind": self.kind, "bucket": self.bucket, "project": self.project or "",
+                "prefix": self.prefix.strip("/")}
+
+
+Destination = Annotated[Union[LocalDestination, S3Destination, GcsDestination], Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------- settings
+class SyncBack(_Model):
+    """Weekly re-export of the trailing ``days`` days (1..365), on ``weekday`` at ``hour`` UTC."""
+
+    weekday: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"] = "sunday"
+    hour: int = Field(4, ge=0, le=23)
+    days: int = Field(7, ge=1, le=MAX_WINDOW_DAYS)
+
+
+class Filters(_Model):
+    """Which events a sync job exports (applied per event type before validation)."""
+
+    event_types: tuple[str, ...] = EVENT_TYPES
+    event_names_include: tuple[str, ...] = ()
+    event_names_exclude: tuple[str, ...] = ()
+    user_ids_include: tuple[str, ...] = ()
+    user_ids_exclude: tuple[str, ...] = ()
+    company_ids_include: tuple[str, ...] = ()
+    company_ids_exclude: tuple[str, ...] = ()
+    exclude_columns: tuple[str, ...] = ()
+
+    @field_validator("event_types")
+    @classmethod
+    def _event_types(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [e for e in v if e not in EVENT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown event type(s) {unknown}; known: {', '.join(EVENT_TYPES)}")
+        if not v:
+            raise ValueError("at least one event type is needed")
+        # keep the documented order, drop repeats
+        return tuple(e for e in EVENT_TYPES if e in set(v))
+
+    @field_validator("exclude_columns")
+    @classmethod
+    def _exclude(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [c for c in v if c not in COLUMN_NAMES]
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown}; columns are {', '.join(COLUMN_NAMES)}")
+        required = sorted(set(v) & REQUIRED_COLUMNS)
+        if required:
+            raise ValueError(f"required column(s) {required} cannot be excluded")
+        return tuple(sorted(set(v)))
+
+
+class FormatSpec(_Model):
+    """One export format and its compression."""
+
+    format: Literal["parquet", "ndjson", "csv", "avro"]
+    compression: str | None = None
+
+    @model_validator(mode="after")
+    def _compression(self) -> "FormatSpec":
+        allowed = {
+            "parquet": ("zstd", "snappy", "gzip", "none"),
+            "ndjson": ("gzip", "none"),
+            "csv": ("gzip", "none"),
+            "avro": ("deflate", "snappy", "none"),
+        }[self.format]
+        if self.compression is None:
+            object.__setattr__(self, "compression", allowed[0] if self.format == "parquet" else "none")
+        if self.compression not in allowed:
+            raise ValueError(
+                f"compression {self.compression!r} is not available for {self.format} (choose one of {', '.join(allowed)})"
+            )
+        return self
+
+    @property
+    def extension(self) -> str:
+        """File extension, e.g. ``parquet``, ``ndjson.gz``, ``csv``, ``avro``."""
+        if self.format in ("ndjson", "csv") and self.compression == "gzip":
+            return f"{self.format}.gz"
+        return self.format
+
+    @property
+    def label(self) -> str:
+        return f"{self.format}/{self.compression}"
+
+
+class SyncJob(_Model):
+    """One configured export: a Userpilot environment to one destination location."""
+
+    name: str
+    sync_id: str
+    title: str = ""
+    app_token: str
+    enabled: bool = True
+    source: Source = Field(default_factory=DemoSourceConfig)
+    destination: Destination = Field(default_factory=LocalDestination)
+    frequency: Literal["daily", "weekly"] = "daily"
+    sync_back: SyncBack | None = None
+    backfill_days: int = Field(0, ge=0, le=MAX_WINDOW_DAYS)
+    filters: Filters = Field(default_factory=Filters)
+    formats: tuple[FormatSpec, ...] = (FormatSpec(format="parquet", compression="zstd"),)
+    layout: Literal["userpilot", "hive"] = "userpilot"
+    max_file_rows: int | None = Field(None, ge=1)
+    max_file_bytes: int | None = Field(None, ge=1024)
+    #: First partition listed in the UI (partitions older than the 365-day window are refused).
+    partitions_start: date = date(2025, 1, 1)
+    #: Days to keep staged raw events after a partition's manifest is written (0 = remove at once).
+    keep_staging_days: int = Field(0, ge=0, le=30)
+    #: Schedules start running when the code location loads (the demo ships with False).
+    schedules_running: bool = True
+    owners: tuple[str, ...] = ()
+    #: Where this job was read from (set by the loader, for error messages).
+    source_file: str | None = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, v):
+            raise ValueError(
+                f"{v!r} is not a valid sync job name: use lower-case letters, digits and '_', starting with a letter"
+            )
+        return v
+
+    @field_validator("sync_id")
+    @classmethod
+    def _sync_id(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(v)):
+            raise ValueError(f"{v!r} is not a valid sync_id (letters, digits, '_' and '-')")
+        return str(v)
+
+    @field_validator("app_token")
+    @classmethod
+    def _app_token(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{2,64}", v):
+            raise ValueError(f"{v!r} is not a valid app token (e.g. NX-1a2b3c4d)")
+        return v
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: tuple[FormatSpec, ...]) -> tuple[FormatSpec, ...]:
+        if not v:
+            raise ValueError("at least one format is needed")
+        seen = [f.format for f in v]
+        dupes = sorted({f for f in seen if seen.count(f) > 1})
+        if dupes:
+            raise ValueError(f"format(s) {dupes} listed twice; each format is written once per export")
+        return v
+
+    @model_validator(mode="after")
+    def _consistency(self) -> "SyncJob":
+        if self.max_file_rows and self.max_file_bytes:
+            raise ValueError("set max_file_rows or max_file_bytes, not both")
+        if self.sync_back and self.frequency == "weekly" and self.sync_back.days < 7:
+            raise ValueError(
+                "sync_back.days must be at least 7 for a weekly sync job (the weekly sync already exports 7 days)"
+            )
+        if self.kms_mismatch():
+            raise ValueError("destination.kms_key_id is only used with sse: aws:kms")
+        return self
+
+    def kms_mismatch(self) -> bool:
+        d = self.destination
+        return isinstance(d, S3Destination) and d.kms_key_id is not None and d.sse != "aws:kms"
+
+    # ------------------------------------------------------------------ derived names
+    @property
+    def event_types(self) -> tuple[str, ...]:
+        """Event types this sync job exports (one export asset each)."""
+        return self.filters.event_types
+
+    @property
+    def pool(self) -> str:
+        """Dagster pool that serialises export jobs of one app token (limit 1)."""
+        return "userpilot_export_" + re.sub(r"[^A-Za-z0-9_]", "_", self.app_token)
+
+    @property
+    def sync_folder(self) -> str:
+        """Folder name of the documented layout: ``userpilot_datasync_<sync_id>_<app_token>``."""
+        return f"userpilot_datasync_{self.sync_id}_{self.app_token}"
+
+    def settings_summary(self) -> dict:
+        """The editable settings that produced an export (recorded in every manifest)."""
+        return {
+            "formats": [f.label for f in self.formats],
+            "layout": self.layout,
+            "filters": self.filters.model_dump(mode="json"),
+            "max_file_rows": self.max_file_rows,
+            "max_file_bytes": self.max_file_bytes,
+        }

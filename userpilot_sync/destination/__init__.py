@@ -1,0 +1,1 @@
+"""Destinations: object-key layout, file formats, storage backends and manifests."""

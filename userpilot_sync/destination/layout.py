@@ -1,0 +1,58 @@
+"""Object keys of exports and manifests; they depend only on sync job, partition, event type,
+format and part number, so a re-export replaces the same objects.
+
+``userpilot`` (default, Userpilot Data Sync's documented layout)::
+
+    <prefix>/userpilot_datasync_<sync_id>_<app_token>/<YYYY-MM-DD>/<event_type>[_<part>].<ext>
+    <prefix>/userpilot_datasync_<sync_id>_<app_token>/<YYYY-MM-DD>/_manifest.json
+
+``hive`` (partition discovery in Athena, BigQuery, DuckDB)::
+
+    <prefix>/<sync folder>/<event_type>/date=<YYYY-MM-DD>/part-<part>.<ext>
+    <prefix>/<sync folder>/_manifests/date=<YYYY-MM-DD>/_manifest.json
+
+Part numbers are five digits from ``00000``; the userpilot layout adds ``_<part>`` only when a
+day's export is split into several files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MANIFEST_NAME = "_manifest.json"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Key builder for one sync job's destination."""
+
+    kind: str  # "userpilot" | "hive"
+    prefix: str
+    sync_folder: str
+
+    @property
+    def root(self) -> str:
+        """Key prefix of the sync folder (no trailing slash)."""
+        prefix = self.prefix.strip("/")
+        return f"{prefix}/{self.sync_folder}" if prefix else self.sync_folder
+
+    def key(self, relative_path: str) -> str:
+        """Full object key of a path relative to the sync folder."""
+        return f"{self.root}/{relative_path}"
+
+    def data_path(self, partition: str, event_type: str, extension: str, part: int, parts: int) -> str:
+        """Path (relative to the sync folder) of one data file."""
+        if self.kind == "hive":
+            return f"{event_type}/date={partition}/part-{part:05d}.{extension}"
+        suffix = f"_{part:05d}" if parts > 1 else ""
+        return f"{partition}/{event_type}{suffix}.{extension}"
+
+    def manifest_path(self, partition: str) -> str:
+        """Path (relative to the sync folder) of a partition's manifest."""
+        if self.kind == "hive":
+            return f"_manifests/date={partition}/{MANIFEST_NAME}"
+        return f"{partition}/{MANIFEST_NAME}"
+
+    def definitions_path(self, kind: str) -> str:
+        """Path (relative to the sync folder) of a lookup/definitions file."""
+        return f"definitions/{kind}.parquet"

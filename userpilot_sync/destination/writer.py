@@ -1,0 +1,85 @@
+"""Write one prepared export to a destination in every format of the sync job.
+
+Each format is written to local part files first (streaming, bounded memory), then each part
+is uploaded to its deterministic key (``layout.py``). Data files of a partition go first; the
+manifest, written by :func:`write_manifest`, goes last.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from userpilot_sync.config.model import SyncJob
+from userpilot_sync.destination.formats import CONTENT_TYPES, write_parts
+from userpilot_sync.destination.layout import Layout
+from userpilot_sync.destination.manifest import FileRecord, manifest_bytes
+from userpilot_sync.destination.storage import Storage
+from userpilot_sync.export import PreparedExport
+
+
+def layout_for(job: SyncJob) -> Layout:
+    """The object-key layout of a sync job's destination."""
+    return Layout(kind=job.layout, prefix=job.destination.prefix, sync_folder=job.sync_folder)
+
+
+@dataclass(frozen=True)
+class WrittenExport:
+    """What writing one export produced: its files (relative paths) and their full keys."""
+
+    files: list[FileRecord]
+    keys: list[str]
+
+
+def write_export(prepared: PreparedExport, job: SyncJob, storage: Storage, work_dir: Path) -> WrittenExport:
+    """Write ``prepared`` in each of ``job.formats`` and upload the parts. Returns the file records.
+
+    Raises DestinationError (from the storage) when an upload fails; parts already uploaded stay
+    (they are replaced by the next export of the partition, and no manifest points at them).
+    """
+    layout = layout_for(job)
+    files: list[FileRecord] = []
+    keys: list[str] = []
+    work_dir = Path(work_dir)
+    try:
+        for spec in job.formats:
+            parts = write_parts(
+                prepared.iter_batches(),
+                prepared.arrow_schema,
+                spec,
+                work_dir / spec.format,
+                prepared.event_type,
+                max_rows=job.max_file_rows,
+                max_bytes=job.max_file_bytes,
+            )
+            # No Content-Encoding: clients would decompress on download and break the sha256.
+            content_type = "application/gzip" if spec.extension.endswith(".gz") else CONTENT_TYPES[spec.format]
+            for i, part in enumerate(parts):
+                rel = layout.data_path(prepared.partition, prepared.event_type, spec.extension, i, len(parts))
+                key = layout.key(rel)
+                storage.put_file(key, part.path, content_type=content_type)
+                part.path.unlink()
+                files.append(
+                    FileRecord(
+                        path=rel,
+                        event_type=prepared.event_type,
+                        format=spec.format,
+                        compression=spec.compression or "none",
+                        part=i,
+                        rows=part.rows,
+                        bytes=part.bytes,
+                        sha256=part.sha256,
+                    )
+                )
+                keys.append(key)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return WrittenExport(files=files, keys=keys)
+
+
+def write_manifest(manifest: dict, job: SyncJob, storage: Storage) -> str:
+    """Upload a partition's manifest (last). Returns its object key."""
+    key = layout_for(job).key(layout_for(job).manifest_path(manifest["partition"]))
+    storage.put_bytes(key, manifest_bytes(manifest), content_type=CONTENT_TYPES["json"])
+    return key

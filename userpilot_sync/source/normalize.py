@@ -1,0 +1,137 @@
+"""Lenient normalisation of export chunk records to the internal event shape.
+
+The record shape of Bulk Data Export chunks is not documented, so reading is lenient
+(reference: "What the docs leave open"):
+
+* ``inserted_at``: ISO-8601 text (``Z``, an offset, or no zone meaning UTC; up to µs), or a
+  timestamp of any unit and zone (naive means UTC) -> ``timestamp[us, UTC]``;
+* ``metadata``: a JSON object/struct (NDJSON) or JSON text (CSV, Parquet, Avro) -> JSON text;
+* optional string columns: ``""`` and null are one value (null); ``event_name`` null -> ``""``;
+* screen sizes as numbers or numeric text -> int32;
+* missing optional columns -> null; missing ``internal_event_id`` (or null) -> computed with the
+  documented recipe;
+* columns the Event Schema does not know are dropped and reported (never exported until the
+  schema version says so).
+
+Errors (:class:`~userpilot_sync.errors.SourceError`) name the column and sample values.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import polars as pl
+import pyarrow as pa
+
+from userpilot_sync.errors import SourceError
+from userpilot_sync.schema.events import COLUMN_NAMES, EVENT_COLUMNS
+from userpilot_sync.schema.internal_event_id import internal_event_ids
+
+_NOT_NULL_STRINGS = {"app_token", "event_type", "internal_event_id"}
+_INT_COLUMNS = {"screen_width", "screen_height"}
+_OFFSET = r"([+-]\d{2}:?\d{2})$"
+
+
+@dataclass
+class NormalizeReport:
+    """What normalisation noticed in a batch: unknown columns and computed ids."""
+
+    unknown_columns: set[str] = field(default_factory=set)
+    computed_ids: int = 0
+
+
+def _timestamp_expr(dtype: pl.DataType) -> pl.Expr:
+    col = pl.col("inserted_at")
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone is None:
+            col = col.dt.replace_time_zone("UTC")
+        else:
+            col = col.dt.convert_time_zone("UTC")
+        return col.dt.cast_time_unit("us")
+    if dtype == pl.Utf8:
+        text = col.str.strip_chars().str.replace(r"Z$", "+00:00").str.replace(" ", "T", literal=True)
+        text = pl.when(text.str.contains(_OFFSET)).then(text).otherwise(text + "+00:00")
+        return text.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", time_unit="us", strict=False).dt.convert_time_zone("UTC")
+    if dtype == pl.Date:
+        return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    raise SourceError(f"column 'inserted_at' has type {dtype}; expected ISO-8601 text or a timestamp")
+
+
+def _metadata_expr(dtype: pl.DataType) -> pl.Expr:
+    col = pl.col("metadata")
+    if dtype == pl.Utf8:
+        return pl.when(col.str.strip_chars() == "").then(None).otherwise(col)
+    if isinstance(dtype, pl.Struct):
+        return col.struct.json_encode()
+    if dtype == pl.Null:
+        return col.cast(pl.Utf8)
+    return col.map_elements(lambda v: json.dumps(v, sort_keys=True, separators=(",", ":")), return_dtype=pl.Utf8)
+
+
+def normalize_frame(frame: pl.DataFrame, where: str = "source chunk") -> tuple[pl.DataFrame, NormalizeReport]:
+    """Normalise one chunk batch to the staged shape (all Event Schema columns, in order).
+
+    ``where`` names the chunk file (or batch) in errors. Raises SourceError for values that
+    cannot be read (unparseable timestamps or screen sizes, missing required columns).
+    """
+    report = NormalizeReport(unknown_columns=set(frame.columns) - set(COLUMN_NAMES))
+    for required in ("event_type", "inserted_at"):
+        if required not in frame.columns:
+            raise SourceError(f"{where}: column {required!r} is missing; columns are {sorted(frame.columns)}")
+    exprs: list[pl.Expr] = []
+    for col in EVENT_COLUMNS:
+        name = col.name
+        if name not in frame.columns:
+            exprs.append(pl.lit(None, dtype=pl.Int32 if name in _INT_COLUMNS else pl.Utf8).alias(name))
+            continue
+        dtype = frame.schema[name]
+        if name == "inserted_at":
+            exprs.append(_timestamp_expr(dtype).alias(name))
+        elif name == "metadata":
+            exprs.append(_metadata_expr(dtype).alias(name))
+        elif name in _INT_COLUMNS:
+            src = pl.col(name)
+            if dtype == pl.Utf8:
+                src = pl.when(src.str.strip_chars() == "").then(None).otherwise(src.str.strip_chars())
+            exprs.append(src.cast(pl.Float64, strict=False).cast(pl.Int32, strict=False).alias(name))
+        else:
+            src = pl.col(name).cast(pl.Utf8)
+            if name == "event_name":
+                exprs.append(src.fill_null("").alias(name))
+            elif name in _NOT_NULL_STRINGS:
+                exprs.append(src.alias(name))
+            else:
+                exprs.append(pl.when(src == "").then(None).otherwise(src).alias(name))
+    out = frame.select(exprs)
+
+    # Values that were present but could not be converted are errors, not silent nulls.
+    for name in ["inserted_at", *sorted(_INT_COLUMNS & set(frame.columns))]:
+        bad = out.get_column(name).is_null() & frame.get_column(name).is_not_null()
+        if name != "inserted_at" and frame.schema[name] == pl.Utf8:
+            bad = bad & (frame.get_column(name).str.strip_chars() != "")
+        if bad.any():
+            sample = frame.get_column(name).filter(bad).head(5).cast(pl.Utf8).to_list()
+            raise SourceError(
+                f"{where}: column {name!r} has {int(bad.sum())} unreadable value(s), e.g. {sample!r}"
+            )
+    if out.get_column("inserted_at").null_count():
+        raise SourceError(
+            f"{where}: column 'inserted_at' is empty in {out.get_column('inserted_at').null_count()} row(s); "
+            "every event needs a timestamp to be assigned to a partition"
+        )
+    missing_id = out.get_column("internal_event_id").is_null() | (out.get_column("internal_event_id") == "")
+    if missing_id.any():
+        report.computed_ids = int(missing_id.sum())
+        computed = internal_event_ids(out)
+        out = out.with_columns(
+            pl.when(missing_id).then(computed).otherwise(pl.col("internal_event_id")).alias("internal_event_id")
+        )
+    return out, report
+
+
+def normalize_arrow(batch: pa.RecordBatch | pa.Table, where: str = "source chunk") -> tuple[pl.DataFrame, NormalizeReport]:
+    """:func:`normalize_frame` for an Arrow record batch or table."""
+    frame = pl.from_arrow(batch)
+    assert isinstance(frame, pl.DataFrame)
+    return normalize_frame(frame, where)

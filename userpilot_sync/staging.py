@@ -1,0 +1,222 @@
+"""Staging: raw events of one or more partitions, normalised and bucketed on local disk.
+
+Layout of one staged partition (``<root>/<sync_job>/<YYYY-MM-DD>/``)::
+
+    raw/<event_type>/<HH>.parquet     events of that type whose inserted_at falls in hour HH (UTC)
+    staged.json                       the StagedDay record (counts, unknown columns, source facts)
+
+Batches from the source are normalised (``source/normalize.py``), excluded columns are dropped
+before anything touches disk, rows outside the requested window are counted and skipped, and
+every row is appended to the Parquet writer of its (day, event type, hour) bucket. Memory holds
+one source batch at a time plus the writers' buffers; never a whole day. A staged day is written
+into a temporary folder and renamed into place when complete, so a failed extraction never
+leaves a half-staged day behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from userpilot_sync.errors import SourceError, ValidationError
+from userpilot_sync.partitions import day_window
+from userpilot_sync.schema.events import EVENT_TYPES, staged_arrow_schema
+from userpilot_sync.source.base import Extraction
+from userpilot_sync.source.normalize import normalize_arrow
+
+STAGED_RECORD = "staged.json"
+_STAGING_COMPRESSION = "lz4"
+
+
+@dataclass
+class StagedDay:
+    """One staged partition: where its buckets are and what was counted while staging.
+
+    ``rows_by_event_type`` counts staged rows (before filters and de-duplication);
+    ``rows_outside_window`` counts rows the source delivered outside the requested window.
+    """
+
+    sync_job: str
+    partition: str
+    path: str
+    rows_received: int = 0
+    rows_outside_window: int = 0
+    rows_by_event_type: dict[str, int] = field(default_factory=dict)
+    unknown_columns: list[str] = field(default_factory=list)
+    computed_ids: int = 0
+    exclude_columns: list[str] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+    staged_at: str = ""
+
+    @property
+    def root(self) -> Path:
+        return Path(self.path)
+
+    def bucket_files(self, event_type: str) -> list[Path]:
+        """Staged hour buckets of one event type, in hour order."""
+        folder = self.root / "raw" / event_type
+        return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, folder: Path) -> "StagedDay":
+        data = json.loads((Path(folder) / STAGED_RECORD).read_text())
+        data["path"] = str(folder)
+        return cls(**data)
+
+
+def partition_dir(root: Path, sync_job: str, partition: str) -> Path:
+    """Folder of one staged partition."""
+    return Path(root) / sync_job / partition
+
+
+class _BucketWriters:
+    def __init__(self, tmp_root: Path, schema: pa.Schema):
+        self.tmp_root = tmp_root
+        self.schema = schema
+        self.writers: dict[tuple[date, str, int], pq.ParquetWriter] = {}
+
+    def write(self, day: date, event_type: str, hour: int, table: pa.Table) -> None:
+        key = (day, event_type, hour)
+        writer = self.writers.get(key)
+        if writer is None:
+            path = self.tmp_root / day.isoformat() / "raw" / event_type / f"{hour:02d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer = pq.ParquetWriter(path, self.schema, compression=_STAGING_COMPRESSION)
+            self.writers[key] = writer
+        writer.write_table(table.cast(self.schema))
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
+
+
+def stage_days(
+    extraction: Extraction,
+    *,
+    sync_job: str,
+    days: Iterable[date],
+    root: Path,
+    exclude_columns: Iterable[str] = (),
+) -> dict[str, StagedDay]:
+    """Stage the extraction's batches into one folder per requested day.
+
+    ``days`` must be consecutive; the window is [first day 00:00, last day + 1 00:00) UTC.
+    Returns the staged days by partition key. Raises SourceError for unreadable batches and
+    ValidationError for events of an unknown event type (naming job, partition and values).
+    Existing staged folders of these days are replaced only after staging succeeded.
+    """
+    days = sorted(days)
+    if not days:
+        raise ValueError("no days to stage")
+    window_start, _ = day_window(days[0])
+    _, window_end = day_window(days[-1])
+    wanted = {d.isoformat() for d in days}
+    excluded = sorted(set(exclude_columns))
+    schema = staged_arrow_schema(excluded)
+    root = Path(root)
+    tmp_root = root / sync_job / f".staging-{uuid.uuid4().hex}"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    writers = _BucketWriters(tmp_root, schema)
+    received: Counter = Counter()
+    by_type: dict[str, Counter] = {d: Counter() for d in wanted}
+    outside = 0
+    unknown_columns: set[str] = set()
+    computed_ids = 0
+    label = days[0].isoformat() if len(days) == 1 else f"{days[0].isoformat()}..{days[-1].isoformat()}"
+    try:
+        for batch in extraction.batches:
+            if batch.data.num_rows == 0:
+                continue
+            try:
+                frame, report = normalize_arrow(batch.data, where=f"sync job {sync_job!r}, partition {label}, {batch.where}")
+            except SourceError:
+                raise
+            except Exception as exc:  # polars/arrow errors on odd input
+                raise SourceError(
+                    f"sync job {sync_job!r}, partition {label}, {batch.where}: cannot read records ({exc})"
+                ) from None
+            unknown_columns |= report.unknown_columns
+            computed_ids += report.computed_ids
+            in_window = (pl.col("inserted_at") >= window_start) & (pl.col("inserted_at") < window_end)
+            n_before = frame.height
+            frame = frame.filter(in_window)
+            outside += n_before - frame.height
+            if not frame.height:
+                continue
+            bad_types = frame.filter(~pl.col("event_type").is_in(list(EVENT_TYPES)))
+            if bad_types.height:
+                sample = bad_types.get_column("event_type").unique(maintain_order=True).head(5).to_list()
+                raise ValidationError(
+                    f"sync job {sync_job!r}, partition {label}: column 'event_type' has {bad_types.height} "
+                    f"value(s) outside the Userpilot Event Schema, e.g. {sample!r} ({batch.where}); "
+                    f"known event types are {', '.join(EVENT_TYPES)}. Nothing was exported for this partition."
+                )
+            frame = frame.drop(excluded).with_columns(
+                pl.col("inserted_at").dt.date().alias("_day"), pl.col("inserted_at").dt.hour().alias("_hour")
+            )
+            for (day, event_type, hour), part in frame.partition_by(
+                ["_day", "event_type", "_hour"], as_dict=True, maintain_order=True
+            ).items():
+                key = day.isoformat()
+                received[key] += part.height
+                by_type[key][event_type] += part.height
+                writers.write(day, event_type, hour, part.drop("_day", "_hour").to_arrow())
+        writers.close()
+    except BaseException:
+        writers.close()
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        raise
+
+    staged: dict[str, StagedDay] = {}
+    now = datetime.now().astimezone().isoformat(timespec="seconds")
+    try:
+        for day in days:
+            key = day.isoformat()
+            tmp_day = tmp_root / key
+            tmp_day.mkdir(parents=True, exist_ok=True)
+            record = StagedDay(
+                sync_job=sync_job,
+                partition=key,
+                path="",
+                rows_received=received[key],
+                rows_outside_window=outside,
+                rows_by_event_type={et: by_type[key].get(et, 0) for et in EVENT_TYPES},
+                unknown_columns=sorted(unknown_columns),
+                computed_ids=computed_ids,
+                exclude_columns=excluded,
+                source=dict(extraction.facts, window_from=window_start.isoformat(), window_to=window_end.isoformat()),
+                staged_at=now,
+            )
+            (tmp_day / STAGED_RECORD).write_text(record.to_json())
+            final = partition_dir(root, sync_job, key)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp_day.rename(final)
+            record.path = str(final)
+            staged[key] = record
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return staged
+
+
+def remove_staged(root: Path, sync_job: str, partition: str) -> bool:
+    """Delete one staged partition (after its manifest is written). Returns True if removed."""
+    folder = partition_dir(root, sync_job, partition)
+    if folder.exists():
+        shutil.rmtree(folder)
+        return True
+    return False
