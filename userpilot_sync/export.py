@@ -8,10 +8,11 @@ For each hour bucket of the event type, in hour order:
    ``inserted_at`` (a hashed field), hence the same hour bucket;
 4. refuse ids seen twice with different content (a ValidationError naming samples);
 5. sort stably by (``inserted_at``, ``internal_event_id``);
-6. validate with the event type's pandera schema (data level, eager frame);
-7. write the bucket to ``prepared/<event_type>/<HH>.parquet``.
+6. validate with the event type's pandera schema (data level, eager frame), in groups of
+   consecutive buckets of about ``VALIDATION_ROWS`` rows (one pandera call per group);
+7. write each group to ``prepared/<event_type>/<NNNNN>.parquet``.
 
-Buckets are processed one at a time (memory ~ one hour of one event type), and since buckets
+Buckets are processed one at a time (memory ~ one group of ``VALIDATION_ROWS`` rows plus one hour bucket), and since buckets
 are written in hour order the export is globally ordered and de-duplicated. The result, a
 :class:`PreparedExport`, is a handle to validated files that the destination's writers stream
 out; nothing reaches the destination unless every bucket validated.
@@ -40,6 +41,8 @@ from userpilot_sync.staging import StagedDay
 
 PREPARED_RECORD = "prepared.json"
 SORT_KEY = ("inserted_at", "internal_event_id")
+#: Buckets are validated and written in groups of at least this many rows (bounded memory).
+VALIDATION_ROWS = 200_000
 
 
 @dataclass
@@ -152,28 +155,16 @@ def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Pa
     unknown_sources: Counter = Counter()
     unknown_statuses: Counter = Counter()
     entities: Counter = Counter()
-    for bucket in staged.bucket_files(event_type):
-        frame = pl.read_parquet(bucket)
-        staged_rows += frame.height
-        if predicate is not None:
-            kept = frame.filter(predicate)
-            filtered += frame.height - kept.height
-            frame = kept
-        if event_type == "interaction":
-            frame = _add_interaction_columns(frame)
-        before = frame.height
-        frame = frame.unique(maintain_order=True)
-        dupes += before - frame.height
-        clash = frame.filter(pl.col("internal_event_id").is_duplicated())
-        if clash.height:
-            ids = clash.get_column("internal_event_id").unique(maintain_order=True).head(5).to_list()
-            raise ValidationError(
-                f"sync job {job.name!r}, partition {staged.partition}, event type {event_type!r}: "
-                f"column 'internal_event_id' has {clash.height} row(s) sharing an id with different content, "
-                f"e.g. {ids!r}; an id must identify one event. Fix the source data and re-materialize the "
-                f"partition. Nothing was exported for this partition."
-            )
-        frame = frame.sort(list(SORT_KEY), maintain_order=True).select(schema.names)
+    pending: list[pl.DataFrame] = []
+    pending_rows = 0
+
+    def flush() -> None:
+        # Validate and write the pending buckets as one prepared file (fewer, larger validations).
+        nonlocal pending, pending_rows, rows
+        if not pending:
+            return
+        frame = pl.concat(pending, how="vertical", rechunk=True)
+        pending, pending_rows = [], 0
         validate_export_frame(
             frame,
             sync_job=job.name,
@@ -195,10 +186,37 @@ def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Pa
             for value, n in frame.get_column("entity_type").value_counts().iter_rows():
                 entities[value] += n
         if frame.height:
-            path = out_dir / bucket.name
+            path = out_dir / f"{len(files):05d}.parquet"
             pq.write_table(frame.to_arrow().cast(schema), path, compression="lz4")
             files.append(str(path))
             rows += frame.height
+
+    for bucket in staged.bucket_files(event_type):
+        frame = pl.read_parquet(bucket)
+        staged_rows += frame.height
+        if predicate is not None:
+            kept = frame.filter(predicate)
+            filtered += frame.height - kept.height
+            frame = kept
+        if event_type == "interaction":
+            frame = _add_interaction_columns(frame)
+        before = frame.height
+        frame = frame.unique(maintain_order=True)
+        dupes += before - frame.height
+        clash = frame.filter(pl.col("internal_event_id").is_duplicated())
+        if clash.height:
+            ids = clash.get_column("internal_event_id").unique(maintain_order=True).head(5).to_list()
+            raise ValidationError(
+                f"sync job {job.name!r}, partition {staged.partition}, event type {event_type!r}: "
+                f"column 'internal_event_id' has {clash.height} row(s) sharing an id with different content, "
+                f"e.g. {ids!r}; an id must identify one event. Fix the source data and re-materialize the "
+                f"partition. Nothing was exported for this partition."
+            )
+        pending.append(frame.sort(list(SORT_KEY), maintain_order=True).select(schema.names))
+        pending_rows += frame.height
+        if pending_rows >= VALIDATION_ROWS:
+            flush()
+    flush()
     prepared = PreparedExport(
         sync_job=job.name,
         partition=staged.partition,

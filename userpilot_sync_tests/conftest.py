@@ -8,4 +8,6 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 pytest_plugins = [
     "userpilot_sync_tests.fixtures_core",
+    "userpilot_sync_tests.fixtures_api",
+    "userpilot_sync_tests.fixtures_storage",
 ]

@@ -59,6 +59,32 @@ class ExportApiSourceConfig(_Model):
     conflict_wait_s: float = Field(1800.0, ge=0)
     max_retries: int = Field(6, ge=0, le=20)
     request_timeout_s: float = Field(60.0, gt=0)
+    #: Backoff after 429/5xx/transport errors: ``retry_base_s * 2**n`` with jitter, capped at
+    #: ``retry_max_s`` (seconds); a Retry-After header wins (capped at ``max_wait_s``).
+    retry_base_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(60.0, gt=0)
+    #: Re-downloads of a chunk that arrives truncated or unreadable before the partition fails.
+    chunk_retries: int = Field(2, ge=0, le=10)
+    #: Fresh presigned URLs fetched (job status, or a new export job) after 403/410 downloads.
+    max_url_refreshes: int = Field(3, ge=0, le=20)
+    #: Records per page when following the lookup endpoints' cursors.
+    lookup_page_size: int = Field(100, ge=1, le=1000)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        from userpilot_sync.source.urls import is_loopback
+
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http(s) URL, e.g. https://appex.userpilot.io")
+        if parts.scheme != "https" and not is_loopback(parts.hostname):
+            raise ValueError(f"{v!r}: the Export API must be reached over HTTPS (plain http only on loopback)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{v!r}: base_url takes no query or fragment")
+        return v.strip().rstrip("/")
 
     @field_validator("api_key_env")
     @classmethod
@@ -72,6 +98,19 @@ Source = Annotated[Union[DemoSourceConfig, FilesSourceConfig, ExportApiSourceCon
 
 
 # ---------------------------------------------------------------------------------- destinations
+def _https_or_loopback(v: str | None) -> str | None:
+    """Endpoints must be https:// unless they point at a loopback address (tests, local stores)."""
+    if v is None:
+        return v
+    from userpilot_sync.destination.transport import require_https
+    from userpilot_sync.errors import DestinationError
+
+    try:
+        return require_https(v, "endpoint")
+    except DestinationError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class LocalDestination(_Model):
     """A local folder (``path``, relative paths are relative to the working directory)."""
 
@@ -90,14 +129,21 @@ class S3Destination(_Model):
     bucket: str
     prefix: str = ""
     region: str | None = None
+    #: S3-compatible stores / VPC endpoints; must be https:// unless loopback.
     endpoint_url: str | None = None
+    #: Assume this role through STS (the identity from the AWS chain needs sts:AssumeRole).
     role_arn: str | None = None
+    #: Env var holding the external id the role's trust policy requires (never the value itself).
     external_id_env: str | None = None
+    #: STS endpoint for role_arn (default: the regional AWS endpoint); https:// unless loopback.
+    sts_endpoint_url: str | None = None
     sse: Literal["none", "AES256", "aws:kms"] = "none"
     kms_key_id: str | None = None
+    #: when_supported|crc32: CRC32 per request; sha256; when_required: Content-MD5; none.
     checksum: Literal["when_supported", "when_required", "crc32", "sha256", "none"] = "when_supported"
+    #: Files larger than this (bytes) use a multipart upload of multipart_chunk_bytes parts.
     multipart_threshold_bytes: int = Field(64 * 1024 * 1024, ge=5 * 1024 * 1024)
-    multipart_chunk_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_chunk_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024 * 1024 * 1024)
     allow_deletes: bool = False
 
     @field_validator("bucket")
@@ -105,6 +151,18 @@ class S3Destination(_Model):
     def _bucket(cls, v: str) -> str:
         if not _BUCKET_S3.match(v) or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", v):
             raise ValueError(f"{v!r} is not a valid S3 bucket name (3-63 lower-case letters, digits, '.', '-')")
+        return v
+
+    @field_validator("endpoint_url", "sts_endpoint_url")
+    @classmethod
+    def _https(cls, v: str | None) -> str | None:
+        return _https_or_loopback(v)
+
+    @field_validator("external_id_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"{v!r} is not an environment variable name")
         return v
 
     def fingerprint(self) -> dict:
@@ -119,13 +177,35 @@ class GcsDestination(_Model):
     bucket: str
     project: str | None = None
     prefix: str = ""
+    #: CMEK: projects/<p>/locations/<l>/keyRings/<r>/cryptoKeys/<k> (the bucket's service agent
+    #: needs cloudkms.cryptoKeyEncrypterDecrypter on it).
     kms_key_name: str | None = None
+    #: Env var holding the path of a service-account JSON file (default: the Google ADC chain).
     credentials_file_env: str | None = None
-    resumable_threshold_bytes: int = Field(8 * 1024 * 1024, ge=256 * 1024)
+    #: Files larger than this (bytes, at most 8 MiB) use a resumable upload.
+    resumable_threshold_bytes: int = Field(8 * 1024 * 1024, ge=256 * 1024, le=8 * 1024 * 1024)
+    #: Chunk of a resumable upload (bytes, a multiple of 256 KiB).
+    resumable_chunk_bytes: int = Field(16 * 1024 * 1024, ge=256 * 1024)
+    #: Integrity value computed locally and sent with each upload (the server verifies it).
+    checksum: Literal["crc32c", "md5", "none"] = "crc32c"
     allow_deletes: bool = False
     #: How a re-export replaces an existing object: "overwrite" needs storage.objects.delete
     #: (a custom role, see docs/destinations.md); "refuse" fails before writing.
     overwrite: Literal["overwrite", "refuse"] = "overwrite"
+
+    @field_validator("resumable_chunk_bytes")
+    @classmethod
+    def _chunk(cls, v: int) -> int:
+        if v % (256 * 1024):
+            raise ValueError("resumable_chunk_bytes must be a multiple of 262144 (256 KiB)")
+        return v
+
+    @field_validator("credentials_file_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"{v!r} is not an environment variable name")
+        return v
 
     @field_validator("bucket")
     @classmethod

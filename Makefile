@@ -1,0 +1,42 @@
+# userpilot_sync — everything a newcomer needs: make run, make ui, make test, make bench.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT := false
+
+.PHONY: install run ui test check bench clean
+
+# Create .venv from the lock file (uv is installed from PyPI when missing).
+$(BIN)/.installed: pyproject.toml uv.lock
+	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check uv
+	$(PYTHON) -m uv sync --frozen --extra dev --python $(PYTHON)
+	@touch $@
+
+install: $(BIN)/.installed
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+# Sync the last 7 complete UTC days of the demo app into ./exports.
+run: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -m userpilot_sync.cli sync --job demo --days 7
+
+# The Dagster UI (webserver + daemon) on http://127.0.0.1:3000 with every sync job loaded.
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+# The whole test suite (starts its own local S3, GCS, Export API and Dagster servers).
+test: install
+	$(BIN)/python -m pytest -q
+
+# dg's own check that the definitions load.
+check: install
+	$(BIN)/dg check defs
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf .staging exports

@@ -1,0 +1,87 @@
+"""Command line: run sync jobs through Dagster without the UI.
+
+    python -m userpilot_sync.cli sync [--job NAME] [--days N | --partition YYYY-MM-DD ...]
+
+Each partition is one Dagster run (the sync job's asset job) recorded in the Dagster instance
+of ``$DAGSTER_HOME`` (``make run`` uses ``.dagster_home/`` in the project folder), so the UI shows
+the same history. Prints the exported files and the newest manifest; exits 1 if a run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from userpilot_sync.config.loader import load_sync_jobs
+from userpilot_sync.defs.project import build_definitions
+from userpilot_sync.defs.sync_job import run_tags
+from userpilot_sync.destination.writer import layout_for
+from userpilot_sync.partitions import last_complete_days
+
+
+def _tree(root: Path, limit: int = 60) -> list[str]:
+    lines = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        lines.append(f"  {path.relative_to(root).as_posix():<90} {path.stat().st_size:>10,d} bytes")
+    if len(lines) > limit:
+        lines = lines[: limit // 2] + [f"  ... {len(lines) - limit} more ..."] + lines[-limit // 2 :]
+    return lines
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    jobs = load_sync_jobs()
+    by_name = {j.name: j for j in jobs}
+    if args.job not in by_name:
+        print(f"unknown sync job {args.job!r}; configured: {', '.join(sorted(by_name)) or 'none'}", file=sys.stderr)
+        return 2
+    job = by_name[args.job]
+    partitions = args.partition or [d.isoformat() for d in last_complete_days(args.days)]
+    defs = build_definitions(jobs)
+    job_def = defs.resolve_job_def(f"{job.name}_sync")
+    failed = []
+    with dg.DagsterInstance.get() as instance:
+        for pk in partitions:
+            result = job_def.execute_in_process(
+                partition_key=pk, instance=instance, tags=run_tags(job, pk), raise_on_error=False
+            )
+            status = "ok" if result.success else "FAILED"
+            print(f"sync job {job.name}: partition {pk} {status} (run {result.run_id})", flush=True)
+            if not result.success:
+                failed.append(pk)
+                for event in result.all_events:
+                    if event.is_failure and event.step_failure_data:
+                        print(f"    {event.step_key}: {event.step_failure_data.error.message.strip()}", file=sys.stderr)
+    if job.destination.kind == "local":
+        root = Path(job.destination.path) / layout_for(job).root
+        print(f"\nExported files under {root}:")
+        print("\n".join(_tree(root)) if root.exists() else "  (none)")
+        manifests = sorted(root.rglob("_manifest.json"))
+        if manifests:
+            newest = max(manifests, key=lambda p: json.loads(p.read_text())["partition"])
+            doc = json.loads(newest.read_text())
+            print(f"\nNewest manifest ({newest.relative_to(root).as_posix()}):")
+            print(json.dumps(doc, indent=2))
+    if failed:
+        print(f"\n{len(failed)} partition(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="userpilot_sync", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sync = sub.add_parser("sync", help="export partitions of one sync job")
+    sync.add_argument("--job", default="demo", help="sync job name (default: demo)")
+    sync.add_argument("--days", type=int, default=7, help="the last N complete UTC days (default: 7)")
+    sync.add_argument("--partition", action="append", help="a partition key YYYY-MM-DD (repeatable)")
+    sync.set_defaults(func=cmd_sync)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Project-wide Dagster wiring: where staging lives, shared resources, all sync jobs merged."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from userpilot_sync.config.model import SyncJob
+from userpilot_sync.defs.io_managers import StagingIOManager
+from userpilot_sync.defs.sync_job import STAGING_IO_MANAGER_KEY, build_sync_job_definitions
+
+ENV_STAGING_DIR = "USERPILOT_SYNC_STAGING_DIR"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def staging_root() -> Path:
+    """``$USERPILOT_SYNC_STAGING_DIR`` if set, else ``.staging/`` in the project folder (git-ignored)."""
+    return Path(os.environ.get(ENV_STAGING_DIR) or PROJECT_ROOT / ".staging")
+
+
+def build_definitions(jobs: list[SyncJob], staging: Path | None = None) -> dg.Definitions:
+    """Definitions of every sync job (separate groups, key prefixes, schedules and IO managers)."""
+    staging = staging or staging_root()
+    per_job = [build_sync_job_definitions(job, staging) for job in jobs]
+    shared = dg.Definitions(resources={STAGING_IO_MANAGER_KEY: StagingIOManager(staging)})
+    return dg.Definitions.merge(shared, *per_job)

@@ -1,0 +1,365 @@
+"""Dagster definitions of one sync job: assets, checks, the asset job, schedules and sensors.
+
+Asset graph (key prefix and group = the sync job's name)::
+
+    <job>/raw_events  ->  <job>/<event_type> (one per selected event type)  ->  <job>/manifest
+
+All assets are partitioned by UTC day. ``raw_events`` runs in the pool of the app token (one
+export job per app token at a time); exports hand their prepared data to the sync job's
+destination IO manager; the manifest is written last and re-materializes automatically when a
+user materializes a subset of the exports (declarative automation), so it always describes
+what the exports wrote.
+"""
+
+
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import dagster as dg
+
+from userpilot_sync.config.model import SyncJob
+from userpilot_sync.defs.io_managers import DestinationIOManager, files_from_metadata
+from userpilot_sync.defs.state import (
+    COUNTS_KEY,
+    FILES_KEY,
+    check_destination_unchanged,
+    latest_materialization,
+    metadata_value,
+)
+from userpilot_sync.destination.manifest import build_manifest
+from userpilot_sync.errors import UserpilotSyncError, WindowError
+from userpilot_sync.export import prepare_export
+from userpilot_sync.partitions import check_in_window, day_window, parse_partition
+from userpilot_sync.pipeline import extract_and_stage
+from userpilot_sync.scheduling import (
+    initial_backfill_partitions,
+    sync_back_cron,
+    sync_back_partitions,
+    sync_cron,
+    sync_partitions,
+)
+from userpilot_sync.staging import StagedDay
+
+STAGING_IO_MANAGER_KEY = "userpilot_staging_io_manager"
+PARTITION_LOCK_TAG = "userpilot_sync/partition_lock"
+SYNC_JOB_TAG = "userpilot_sync/sync_job"
+
+
+def destination_io_manager_key(job: SyncJob) -> str:
+    return f"userpilot_destination_{job.name}"
+
+
+def partitions_def(job: SyncJob) -> dg.DailyPartitionsDefinition:
+    """UTC days from ``partitions_start`` to yesterday (the newest complete day)."""
+    return dg.DailyPartitionsDefinition(start_date=job.partitions_start.isoformat(), timezone="UTC", fmt="%Y-%m-%d")
+
+
+def run_tags(job: SyncJob, partition: str) -> dict[str, str]:
+    """Tags of a run exporting one partition (the lock tag serialises runs of a job+partition)."""
+    return {SYNC_JOB_TAG: job.name, PARTITION_LOCK_TAG: f"{job.name}.{partition}"}
+
+
+class _Guard:
+    """Checks every asset of a sync job runs before writing: enabled, in window, same destination."""
+
+    def __init__(self, job: SyncJob, destination_keys: list[dg.AssetKey]):
+        self.job = job
+        self.destination_keys = destination_keys
+
+    def __call__(self, context: dg.AssetExecutionContext) -> str:
+        job = self.job
+        partition = context.partition_key
+        if not job.enabled:
+            raise UserpilotSyncError(
+                f"sync job {job.name!r} is disabled (enabled: false in {job.source_file or 'its file'}): no new "
+                f"exports are made and files already exported stay untouched. Set enabled: true to export "
+                f"partition {partition}."
+            )
+        try:
+            check_in_window(job.name, parse_partition(partition))
+        except ValueError as exc:
+            raise WindowError(f"sync job {job.name!r}: {exc}") from None
+        check_destination_unchanged(context.instance, job, self.destination_keys)
+        return partition
+
+
+def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitions:
+    """All Dagster definitions of one sync job."""
+    parts = partitions_def(job)
+    prefix = [job.name]
+    raw_key = dg.AssetKey([job.name, "raw_events"])
+    export_keys = {et: dg.AssetKey([job.name, et]) for et in job.event_types}
+    manifest_key = dg.AssetKey([job.name, "manifest"])
+    guard = _Guard(job, [manifest_key, *export_keys.values()])
+    owners = list(job.owners)
+    dest_kind = job.destination.kind
+    formats = sorted({f.format for f in job.formats})
+    common = dict(group_name=job.name, owners=owners, partitions_def=parts)
+    source_label = {"demo": "the demo generator", "files": "local export files",
+                    "export_api": "the Bulk Data Export API"}[job.source.kind]
+
+    # ---------------------------------------------------------------- raw events
+    @dg.asset(
+        key=raw_key,
+        description=f"Raw Userpilot events of one UTC day from {source_label}, staged on local disk per event type and hour.",
+        kinds={"python", "parquet"},
+        pool=job.pool,
+        io_manager_key=STAGING_IO_MANAGER_KEY,
+        metadata={"sync_id": job.sync_id, "app_token": job.app_token, "source": job.source.kind},
+        check_specs=[
+            dg.AssetCheckSpec(
+                "not_unexpectedly_empty",
+                asset=raw_key,
+                description="Warns when a day comes back empty while the previous day had events.",
+            )
+        ],
+        tags={"userpilot_sync/role": "extract"},
+        **common,
+    )
+    def raw_events(context: dg.AssetExecutionContext):
+        partition = guard(context)
+        day = parse_partition(partition)
+        staged = extract_and_stage(job, [day], staging_root)[partition]
+        previous = latest_materialization(
+            context.instance, raw_key, (day - timedelta(days=1)).isoformat()
+        )
+        previous_rows = metadata_value(previous, "source_rows")
+        suspicious = staged.rows_received == 0 and bool(previous_rows)
+        if suspicious:
+            context.log.warning(
+                f"sync job {job.name!r}, partition {partition}: the source returned no events, but the previous "
+                f"day had {previous_rows}. Check the source (API key, filters) before trusting this empty day."
+            )
+        yield dg.Output(
+            staged,
+            metadata={
+                "source_rows": staged.rows_received,
+                "rows_outside_window": staged.rows_outside_window,
+                "rows_by_event_type": dg.MetadataValue.json(staged.rows_by_event_type),
+                "unknown_columns": dg.MetadataValue.json(staged.unknown_columns),
+                "computed_ids": staged.computed_ids,
+                "source_facts": dg.MetadataValue.json(staged.source),
+                "staging_path": dg.MetadataValue.path(staged.path),
+            },
+        )
+        yield dg.AssetCheckResult(
+            check_name="not_unexpectedly_empty",
+            passed=not suspicious,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"source_rows": staged.rows_received, "previous_day_rows": int(previous_rows or 0)},
+        )
+
+    # ---------------------------------------------------------------- exports
+    def make_export(event_type: str) -> dg.AssetsDefinition:
+        key = export_keys[event_type]
+
+        @dg.asset(
+            key=key,
+            ins={"raw_events": dg.AssetIn(key=raw_key)},
+            description=(
+                f"{event_type} events of one UTC day: filtered, de-duplicated, validated against the "
+                f"Userpilot Event Schema and exported to {dest_kind} as {', '.join(formats)}."
+            ),
+            kinds={"pandera", dest_kind, formats[0]},
+            io_manager_key=destination_io_manager_key(job),
+            metadata={"event_type": event_type},
+            check_specs=[
+                dg.AssetCheckSpec(
+                    "known_values",
+                    asset=key,
+                    description="Warns about source values or interaction statuses outside the documented sets.",
+                )
+            ],
+            tags={"userpilot_sync/role": "export", "userpilot_sync/event_type": event_type},
+            **common,
+        )
+        def export(context: dg.AssetExecutionContext, raw_events: StagedDay):
+            guard(context)
+            prepared = prepare_export(raw_events, job, event_type, raw_events.root / "prepared" / event_type)
+            yield dg.Output(prepared)
+            unknown = {"source": prepared.unknown_sources, "interaction_status": prepared.unknown_statuses}
+            yield dg.AssetCheckResult(
+                check_name="known_values",
+                passed=not (prepared.unknown_sources or prepared.unknown_statuses),
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"unknown_values": dg.MetadataValue.json(unknown),
+                          "entity_types": dg.MetadataValue.json(prepared.entity_types)},
+            )
+
+        return export
+
+    exports = [make_export(et) for et in job.event_types]
+
+    # ---------------------------------------------------------------- manifest
+    automation = (
+        dg.AutomationCondition.any_deps_updated()
+        & ~dg.AutomationCondition.any_deps_missing()
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+    )
+
+    @dg.asset(
+        key=manifest_key,
+        deps=list(export_keys.values()),
+        description="The manifest of one UTC day (_manifest.json), written last: every export's files with rows, bytes and sha256.",
+        kinds={"json", dest_kind},
+        io_manager_key=destination_io_manager_key(job),
+        automation_condition=automation,
+        tags={"userpilot_sync/role": "manifest"},
+        **common,
+    )
+    def manifest(context: dg.AssetExecutionContext) -> dict:
+        partition = guard(context)
+        instance = context.instance
+        files = []
+        rows: dict[str, int] = {}
+        export_runs: dict[str, str] = {}
+        dupes = filtered = 0
+        missing = []
+        for event_type, key in export_keys.items():
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+            ).records
+            if not records:
+                missing.append(event_type)
+                continue
+            mat = records[0].asset_materialization
+            files.extend(files_from_metadata(metadata_value(mat, FILES_KEY)))
+            counts = metadata_value(mat, COUNTS_KEY) or {}
+            rows[event_type] = int(counts.get("rows", 0))
+            dupes += int(counts.get("duplicates_dropped", 0))
+            filtered += int(counts.get("filtered_out", 0))
+            export_runs[event_type] = records[0].run_id
+        if missing:
+            raise UserpilotSyncError(
+                f"sync job {job.name!r}, partition {partition}: export(s) {missing} have not been materialized for "
+                f"this partition; materialize them (with {job.name}/raw_events) before the manifest."
+            )
+        raw = latest_materialization(instance, raw_key, partition)
+        source = dict(metadata_value(raw, "source_facts") or {})
+        source.update(
+            source_rows=int(metadata_value(raw, "source_rows") or 0),
+            rows_outside_window=int(metadata_value(raw, "rows_outside_window") or 0),
+            unknown_columns=metadata_value(raw, "unknown_columns") or [],
+            duplicates_dropped=dupes,
+            filtered_out=filtered,
+            export_runs=export_runs,
+        )
+        previous = latest_materialization(instance, manifest_key, partition)
+        previous_paths = {f["path"] for f in (metadata_value(previous, FILES_KEY) or [])}
+        previous_paths |= set(metadata_value(previous, "superseded") or []) - set(metadata_value(previous, "deleted") or [])
+        current_paths = {f.path for f in files}
+        superseded = sorted(previous_paths - current_paths)
+        allow_deletes = bool(getattr(job.destination, "allow_deletes", False))
+        start, end = day_window(parse_partition(partition))
+        return build_manifest(
+            sync_job=job.name, sync_id=job.sync_id, app_token=job.app_token, title=job.title,
+            partition=partition, window_from=start, window_to=end, run_id=context.run_id,
+            settings=job.settings_summary(), source=source, event_types=rows, files=files,
+            superseded=superseded, deleted=superseded if allow_deletes else [],
+        )
+
+    assets = [raw_events, *exports, manifest]
+
+    # ---------------------------------------------------------------- jobs and schedules
+    selection = dg.AssetSelection.assets(raw_key, *export_keys.values(), manifest_key)
+    sync_job_def = dg.define_asset_job(
+        name=f"{job.name}_sync",
+        selection=selection,
+        partitions_def=parts,
+        description=f"Export one UTC day of sync job {job.name!r}: raw events, every event type, manifest.",
+        tags={SYNC_JOB_TAG: job.name},
+    )
+    running = dg.DefaultScheduleStatus.RUNNING if (job.enabled and job.schedules_running) else dg.DefaultScheduleStatus.STOPPED
+
+    def requests(keys: list[str], kind: str) -> list[dg.RunRequest]:
+        return [
+            dg.RunRequest(run_key=f"{kind}:{pk}", partition_key=pk, tags={**run_tags(job, pk), "userpilot_sync/trigger": kind})
+            for pk in keys
+        ]
+
+    @dg.schedule(
+        name=f"{job.name}_{job.frequency}_sync",
+        cron_schedule=sync_cron(job),
+        execution_timezone="UTC",
+        job=sync_job_def,
+        default_status=running,
+        description=(
+            f"{job.frequency.capitalize()} sync of {job.name!r} at 03:00 UTC: "
+            + ("yesterday's partition." if job.frequency == "daily" else "the previous 7 days (Mondays).")
+        ),
+    )
+    def sync_schedule(context: dg.ScheduleEvaluationContext):
+        tick = context.scheduled_execution_time.astimezone(timezone.utc)
+        keys = sync_partitions(job, tick)
+        if not keys:
+            return dg.SkipReason(f"sync job {job.name!r} is disabled" if not job.enabled else "no partition in the window")
+        return requests(keys, job.frequency)
+
+    schedules = [sync_schedule]
+    if job.sync_back is not None:
+
+        @dg.schedule(
+            name=f"{job.name}_sync_back",
+            cron_schedule=sync_back_cron(job),
+            execution_timezone="UTC",
+            job=sync_job_def,
+            default_status=running,
+            description=(
+                f"Weekly sync back of {job.name!r} ({job.sync_back.weekday}s {job.sync_back.hour:02d}:00 UTC): "
+                f"re-exports the trailing {job.sync_back.days} days in place."
+            ),
+        )
+        def sync_back_schedule(context: dg.ScheduleEvaluationContext):
+            tick = context.scheduled_execution_time.astimezone(timezone.utc)
+            keys = sync_back_partitions(job, tick)
+            if not keys:
+                return dg.SkipReason(f"sync job {job.name!r} is disabled" if not job.enabled else "no partition in the window")
+            return requests(keys, "sync_back")
+
+        schedules.append(sync_back_schedule)
+
+    sensors = []
+    if job.backfill_days > 0:
+
+        @dg.sensor(
+            name=f"{job.name}_initial_backfill",
+            job=sync_job_def,
+            minimum_interval_seconds=60,
+            default_status=dg.DefaultSensorStatus.RUNNING if job.enabled else dg.DefaultSensorStatus.STOPPED,
+            description=f"Requests the initial backfill of {job.name!r} ({job.backfill_days} days) once, when the sync job is first enabled.",
+        )
+        def initial_backfill(context: dg.SensorEvaluationContext):
+            if context.cursor == "requested":
+                return dg.SkipReason("the initial backfill was already requested")
+            if not job.enabled:
+                return dg.SkipReason(f"sync job {job.name!r} is disabled")
+            keys = initial_backfill_partitions(job, datetime.now(timezone.utc))
+            context.update_cursor("requested")
+            if not keys:
+                return dg.SkipReason("no partition in the window")
+            return dg.SensorResult(
+                run_requests=[
+                    dg.RunRequest.for_asset_graph_subset(
+                        asset_graph_subset=_subset(context, [raw_key, *export_keys.values(), manifest_key], parts, keys),
+                        tags={SYNC_JOB_TAG: job.name, "userpilot_sync/trigger": "initial_backfill"},
+                    )
+                ]
+            )
+
+        sensors.append(initial_backfill)
+
+    return dg.Definitions(
+        assets=assets,
+        jobs=[sync_job_def],
+        schedules=schedules,
+        sensors=sensors,
+        resources={destination_io_manager_key(job): DestinationIOManager(job, staging_root)},
+    )
+
+
+def _subset(context, keys, parts, partition_keys):
+    from dagster._core.definitions.asset_graph_subset import AssetGraphSubset
+
+    subset = parts.empty_subset().with_partition_keys(partition_keys)
+    return AssetGraphSubset(partitions_subsets_by_asset_key={k: subset for k in keys})

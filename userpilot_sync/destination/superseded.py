@@ -1,0 +1,48 @@
+"""Files a re-export no longer produces ("superseded"), and their optional deletion.
+
+A re-export of a partition (retry, overlapping backfill, sync back) writes the same deterministic
+keys, but may produce fewer files than before: fewer parts after ``max_file_rows`` /
+``max_file_bytes`` changed, a dropped format, an event type filtered out. Those old files are
+named in the new manifest's ``superseded`` list and deleted only when the sync job sets
+``destination.allow_deletes`` (which then needs the delete permission). The previous file list
+comes from the Dagster instance (the last manifest recorded for the partition), never from the
+bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from userpilot_sync.destination.layout import Layout
+from userpilot_sync.destination.storage import Storage
+
+
+def _path(f: Any) -> str:
+    if isinstance(f, str):
+        return f
+    if isinstance(f, dict):
+        return f["path"]
+    return f.path
+
+
+def superseded_paths(previous_files: Iterable[Any], new_files: Iterable[Any]) -> list[str]:
+    """Paths (relative to the sync folder) in ``previous_files`` but not in ``new_files``, sorted.
+
+    Each item is a path string, a manifest ``files`` entry (dict with ``path``) or a FileRecord.
+    """
+    new = {_path(f) for f in new_files}
+    return sorted({_path(f) for f in previous_files} - new)
+
+
+def delete_superseded(storage: Storage, layout: Layout, paths: Iterable[str], *, allow_deletes: bool) -> list[str]:
+    """Delete superseded ``paths`` when ``allow_deletes``; returns the paths deleted (else ``[]``).
+
+    Raises DestinationError from the storage (e.g. the credential lacks the delete permission).
+    """
+    if not allow_deletes:
+        return []
+    deleted = []
+    for path in sorted(set(paths)):
+        storage.delete(layout.key(path))
+        deleted.append(path)
+    return deleted
