@@ -32,6 +32,19 @@ def _tree(root: Path, limit: int = 60) -> list[str]:
     return lines
 
 
+def failure_messages(result) -> list[str]:
+    """The root-cause messages of a run's failed steps ("<step>: <message>")."""
+    messages = []
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        error = event.step_failure_data.error
+        while error.cause is not None:
+            error = error.cause
+        messages.append(f"{event.step_key}: {error.message.strip()}")
+    return messages
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     jobs = load_sync_jobs()
     by_name = {j.name: j for j in jobs}
@@ -52,9 +65,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
             print(f"sync job {job.name}: partition {pk} {status} (run {result.run_id})", flush=True)
             if not result.success:
                 failed.append(pk)
-                for event in result.all_events:
-                    if event.is_failure and event.step_failure_data:
-                        print(f"    {event.step_key}: {event.step_failure_data.error.message.strip()}", file=sys.stderr)
+                for message in failure_messages(result):
+                    print(f"    {message}", file=sys.stderr)
     if job.destination.kind == "local":
         root = Path(job.destination.path) / layout_for(job).root
         print(f"\nExported files under {root}:")

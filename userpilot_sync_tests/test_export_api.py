@@ -17,7 +17,9 @@ import pydantic
 import pytest
 
 from userpilot_sync.errors import SourceError
+from userpilot_sync.partitions import day_window
 from userpilot_sync.pipeline import sync_partition
+from userpilot_sync.source.base import ExtractRequest
 from userpilot_sync.source.export_api import (
     ApiKeyError,
     ApiUnavailable,
@@ -40,7 +42,7 @@ from userpilot_sync_tests.fixtures_api import (
     manifest_file,
     read_manifest,
 )
-from userpilot_sync_tests.fixtures_core import NOW, PARTITION, make_job
+from userpilot_sync_tests.fixtures_core import DAY, NOW, PARTITION, make_job
 
 pytestmark = pytest.mark.usefixtures("api_key_env")
 
@@ -69,11 +71,24 @@ def _assert_key_never_sent_to_storage(emulator):
         assert rec.headers.get("Authorization") == f"Token {API_KEY}"
 
 
-@pytest.fixture
-def demo_result(tmp_path):
+@pytest.fixture(scope="module")
+def demo_result(tmp_path_factory):
     """The same partition exported from the demo source (reference for byte identity)."""
-    job = demo_job_for_api_test(tmp_path)
-    return sync_partition(job, PARTITION, tmp_path / "staging-demo", now=NOW).manifest
+    tmp = tmp_path_factory.mktemp("demo-reference")
+    job = demo_job_for_api_test(tmp)
+    return sync_partition(job, PARTITION, tmp / "staging-demo", now=NOW).manifest
+
+
+#: Robustness tests export one event type (faster partitions) and compare with ``demo_track``.
+ONE_TYPE = {"filters": {"event_types": ["track"]}}
+
+
+@pytest.fixture(scope="module")
+def demo_track(tmp_path_factory):
+    """The demo source's export of the partition, ``track`` only."""
+    tmp = tmp_path_factory.mktemp("demo-reference-track")
+    job = demo_job_for_api_test(tmp, **ONE_TYPE)
+    return sync_partition(job, PARTITION, tmp / "staging-demo", now=NOW).manifest
 
 
 # ---------------------------------------------------------------------------------- happy path
@@ -86,7 +101,6 @@ def test_partition_through_api_matches_demo_byte_for_byte(tmp_path, emulator, fa
     manifest = read_manifest(job)
 
     assert _files(manifest) == _files(demo_result)
-    assert manifest["source_rows"] if "source_rows" in manifest else True
     src = manifest["source"]
     assert src["kind"] == "export_api" and src["format"] == chunk_format
     assert src["chunks"] == 3 and src["export_job_id"] in emulator.jobs
@@ -113,23 +127,23 @@ def test_request_body_carries_window_event_types_and_format(tmp_path, emulator, 
     assert set(read_manifest(job)["event_types"]) == {"interaction", "track"}
 
 
-def test_rows_outside_the_day_are_counted_not_exported(tmp_path, emulator, fake_clock, demo_result):
+def test_rows_outside_the_day_are_counted_not_exported(tmp_path, emulator, fake_clock, demo_track):
     emulator.faults.window_slack_s = 1800  # the API returns 30 min more on either side
-    job = make_api_job(tmp_path, emulator)
+    job = make_api_job(tmp_path, emulator, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     manifest = read_manifest(job)
     assert manifest["source"]["rows_outside_window"] > 0
-    assert _files(manifest) == _files(demo_result)
+    assert _files(manifest) == _files(demo_track)
 
 
-def test_redirected_downloads_carry_no_key(tmp_path, emulator, fake_clock, demo_result):
+def test_redirected_downloads_carry_no_key(tmp_path, emulator, fake_clock, demo_track):
     emulator.faults.redirect_downloads = True
-    job = make_api_job(tmp_path, emulator)
+    job = make_api_job(tmp_path, emulator, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     paths = [r.path for r in emulator.requests_to("storage")]
     assert sum(p.startswith("/redirected/") for p in paths) == 3
     _assert_key_never_sent_to_storage(emulator)
-    assert _files(read_manifest(job)) == _files(demo_result)
+    assert _files(read_manifest(job)) == _files(demo_track)
 
 
 # ---------------------------------------------------------------------------------- the key
@@ -187,14 +201,14 @@ def test_api_redirects_are_not_followed(tmp_path, emulator, fake_clock):
 
 
 # ---------------------------------------------------------------------------------- 409
-def test_conflict_is_waited_out(tmp_path, emulator, fake_clock, demo_result):
+def test_conflict_is_waited_out(tmp_path, emulator, fake_clock, demo_track):
     emulator.fail_next("create", 409, times=2)
-    job = make_api_job(tmp_path, emulator)
+    job = make_api_job(tmp_path, emulator, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     manifest = read_manifest(job)
     assert manifest["source"]["retries"]["conflict"] == 2
     assert manifest["source"]["retries_total"] == 2
-    assert _files(manifest) == _files(demo_result)
+    assert _files(manifest) == _files(demo_track)
 
 
 def test_conflict_gives_up_after_conflict_wait(tmp_path, emulator, fake_clock):
@@ -221,19 +235,19 @@ def test_a_pending_job_of_the_app_token_blocks_a_new_one(tmp_path, emulator, fak
 
 
 # ---------------------------------------------------------------------------------- 429 / 5xx
-def test_rate_limit_honours_retry_after(tmp_path, emulator, fake_clock, demo_result):
+def test_rate_limit_honours_retry_after(tmp_path, emulator, fake_clock, demo_track):
     emulator.fail_next("api", 429, times=2, retry_after=3)
-    job = make_api_job(tmp_path, emulator)
+    job = make_api_job(tmp_path, emulator, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     assert fake_clock.sleeps[:2] == [3.0, 3.0]
     manifest = read_manifest(job)
     assert manifest["source"]["retries"]["rate_limited"] == 2
-    assert _files(manifest) == _files(demo_result)
+    assert _files(manifest) == _files(demo_track)
 
 
 def test_server_errors_back_off_exponentially_with_jitter(tmp_path, emulator, fake_clock):
     emulator.fail_next("status", 503, times=3)
-    job = make_api_job(tmp_path, emulator)
+    job = make_api_job(tmp_path, emulator, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     # retry_base_s 0.01, jitter fixed at 0.5 -> 0.75 x (0.01, 0.02, 0.04)
     assert fake_clock.sleeps[:3] == pytest.approx([0.0075, 0.015, 0.03])
@@ -253,7 +267,7 @@ def test_persistent_server_errors_fail_clearly(tmp_path, emulator, fake_clock):
 
 def test_download_5xx_is_retried(tmp_path, emulator, fake_clock):
     emulator.fail_next("download", 502, times=2)
-    job = make_api_job(tmp_path, emulator)
+    job = make_api_job(tmp_path, emulator, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     assert read_manifest(job)["source"]["retries"]["server_error"] == 2
 
@@ -295,17 +309,17 @@ def test_completed_job_with_missing_urls_is_not_a_short_day(tmp_path, emulator, 
 
 # ---------------------------------------------------------------------------------- downloads
 @pytest.mark.parametrize("status", [403, 410])
-def test_rejected_download_urls_are_refreshed(tmp_path, emulator, fake_clock, demo_result, status):
+def test_rejected_download_urls_are_refreshed(tmp_path, emulator, fake_clock, demo_track, status):
     emulator.fail_next("download", status, times=1)
-    job = make_api_job(tmp_path, emulator)
+    job = make_api_job(tmp_path, emulator, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     manifest = read_manifest(job)
     assert manifest["source"]["retries"]["url_refresh"] == 1
     assert len(emulator.jobs) == 1
-    assert _files(manifest) == _files(demo_result)
+    assert _files(manifest) == _files(demo_track)
 
 
-def test_expired_urls_of_a_gone_job_need_a_new_job(tmp_path, emulator, fake_clock, demo_result):
+def test_expired_urls_of_a_gone_job_need_a_new_job(tmp_path, emulator, fake_clock, demo_track):
     moved = []
 
     def four_days_later(rec):  # the first download happens after the job's 3-day retention
@@ -314,12 +328,12 @@ def test_expired_urls_of_a_gone_job_need_a_new_job(tmp_path, emulator, fake_cloc
             emulator.advance(days=4)
 
     emulator.on_download = four_days_later
-    job = make_api_job(tmp_path, emulator)
+    job = make_api_job(tmp_path, emulator, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     src = read_manifest(job)["source"]
     assert src["retries"]["url_refresh"] == 1 and src["retries"]["new_export_job"] == 1
     assert len(src["export_job_ids"]) == 2 and src["export_job_id"] == src["export_job_ids"][1]
-    assert _files(read_manifest(job)) == _files(demo_result)
+    assert _files(read_manifest(job)) == _files(demo_track)
 
 
 def test_urls_rejected_forever_fail_clearly(tmp_path, emulator, fake_clock):
@@ -330,14 +344,14 @@ def test_urls_rejected_forever_fail_clearly(tmp_path, emulator, fake_clock):
     _assert_failed_cleanly(job, tmp_path)
 
 
-def test_truncated_download_is_downloaded_again(tmp_path, emulator, fake_clock, demo_result):
+def test_truncated_download_is_downloaded_again(tmp_path, emulator, fake_clock, demo_track):
     emulator.faults.truncate_downloads = 1
-    job = make_api_job(tmp_path, emulator)
+    job = make_api_job(tmp_path, emulator, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     manifest = read_manifest(job)
     assert emulator.counts["truncated_downloads"] == 1
     assert manifest["source"]["retries"]["chunk_redownload"] == 1
-    assert _files(manifest) == _files(demo_result)
+    assert _files(manifest) == _files(demo_track)
 
 
 @pytest.mark.parametrize("chunk_format", ["parquet", "ndjson"])
@@ -355,7 +369,7 @@ def test_unreadable_chunk_fails_after_redownloads_and_stages_nothing(tmp_path, e
 # ---------------------------------------------------------------------------------- empty days
 def test_zero_chunks_is_a_valid_empty_day(tmp_path, emulator, fake_clock):
     emulator.faults.zero_chunks = True
-    job = make_api_job(tmp_path, emulator)
+    job = make_api_job(tmp_path, emulator, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     manifest = read_manifest(job)
     assert manifest["source"]["source_rows"] == 0 and manifest["source"]["chunks"] == 0
@@ -367,7 +381,7 @@ def test_zero_chunks_is_a_valid_empty_day(tmp_path, emulator, fake_clock):
 @pytest.mark.parametrize("chunk_format", ["parquet", "ndjson", "csv", "avro"])
 def test_empty_chunks_are_a_valid_empty_day(tmp_path, emulator, fake_clock, chunk_format):
     emulator.faults.empty_chunks = True
-    job = make_api_job(tmp_path, emulator, {"chunk_format": chunk_format})
+    job = make_api_job(tmp_path, emulator, {"chunk_format": chunk_format}, **ONE_TYPE)
     _run(job, tmp_path, fake_clock)
     manifest = read_manifest(job)
     assert manifest["source"]["source_rows"] == 0 and manifest["source"]["chunks"] == 3
@@ -376,7 +390,7 @@ def test_empty_chunks_are_a_valid_empty_day(tmp_path, emulator, fake_clock, chun
 
 def test_an_app_without_events_gives_an_empty_day(tmp_path, emulator, fake_clock):
     emulator.add_app("upk_quiet_app_key_1234", "NX-quiet0001", events_per_day=0)
-    job = make_api_job(tmp_path, emulator, app_token="NX-quiet0001")
+    job = make_api_job(tmp_path, emulator, app_token="NX-quiet0001", **ONE_TYPE)
     source = api_source(job, fake_clock, env={API_KEY_ENV: "upk_quiet_app_key_1234"})
     sync_partition(job, PARTITION, tmp_path / "staging", source=source, now=NOW)
     manifest = read_manifest(job)
@@ -386,10 +400,6 @@ def test_an_app_without_events_gives_an_empty_day(tmp_path, emulator, fake_clock
 def test_missing_key_error_is_raised_before_any_batch(tmp_path, emulator):
     job = make_api_job(tmp_path, emulator)
     source = ExportApiSource.from_config(job, env={})
-    from userpilot_sync.source.base import ExtractRequest
-    from userpilot_sync.partitions import day_window
-    from userpilot_sync_tests.fixtures_core import DAY
-
     start, end = day_window(DAY)
     with pytest.raises(SourceError, match=f"environment variable {API_KEY_ENV}"):
         source.extract(ExtractRequest("demo", APP_TOKEN, start, end, job.event_types, Path(tmp_path / "w")))

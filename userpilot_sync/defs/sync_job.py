@@ -191,8 +191,12 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
     exports = [make_export(et) for et in job.event_types]
 
     # ---------------------------------------------------------------- manifest
+    # Re-materialize the manifest of a partition whose exports were updated without it (a user
+    # materialized a subset); a run that includes the manifest resets the condition.
     automation = (
-        dg.AutomationCondition.any_deps_updated()
+        dg.AutomationCondition.any_deps_updated().since(
+            dg.AutomationCondition.newly_requested() | dg.AutomationCondition.newly_updated()
+        )
         & ~dg.AutomationCondition.any_deps_missing()
         & ~dg.AutomationCondition.any_deps_in_progress()
         & ~dg.AutomationCondition.in_progress()

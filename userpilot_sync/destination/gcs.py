@@ -88,8 +88,16 @@ def build_gcs_client(dest: Any, *, credentials: Any = None, environ: dict[str, s
         except (OSError, ValueError) as exc:
             raise DestinationError(f"GCS destination {where}: cannot load the service-account key file named by "
                                    f"{dest.credentials_file_env} ({type(exc).__name__})") from None
+    kwargs: dict[str, Any] = {}
+    if emulator:
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+
+        kwargs["client_options"] = ClientOptions(api_endpoint=emulator if "://" in emulator else f"http://{emulator}")
+        credentials = credentials or AnonymousCredentials()
     try:
-        return storage.Client(project=dest.project, credentials=credentials)
+        return storage.Client(project=dest.project or ("emulator" if emulator else None), credentials=credentials,
+                              **kwargs)
     except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError and friends
         raise DestinationError(f"GCS destination {where}: no Google credentials found ({type(exc).__name__}); "
                                "set credentials_file_env or configure Application Default Credentials") from None
@@ -126,6 +134,10 @@ class GcsStorage:
         retry: RetryPolicy | None = None,
     ):
         self.client = client
+        # google-cloud-storage >= 3.x fetches bucket metadata (a storage.buckets.get read) in a
+        # background thread for its telemetry; a write-only exporter must not read anything.
+        if getattr(client, "_bucket_metadata_cache", None) is not None:
+            client._bucket_metadata_cache = None
         self.bucket_name = bucket
         self.bucket = client.bucket(bucket, user_project=None)
         self.prefix = prefix.strip("/")
@@ -272,8 +284,12 @@ class GcsStorage:
         except (ConnectionError, TimeoutError, OSError) as exc:
             raise DestinationError(f"GCS destination {self._where()}: upload of {key} failed ({type(exc).__name__}); "
                                    "the endpoint is unreachable or keeps timing out") from None
-        except Exception as exc:  # requests/google-auth transport errors after retries
-            if type(exc).__module__.startswith(("requests", "urllib3", "google.auth")):
+        except Exception as exc:  # google-auth refresh failures, requests/urllib3 transport errors
+            if type(exc).__module__.startswith("google.auth"):
+                raise DestinationError(f"GCS destination {self._where()}: the Google credentials were rejected or "
+                                       f"could not be refreshed ({type(exc).__name__}); check the service account "
+                                       "key or ADC of the sync job") from None
+            if type(exc).__module__.startswith(("requests", "urllib3")):
                 raise DestinationError(f"GCS destination {self._where()}: upload of {key} failed "
                                        f"({type(exc).__name__}); check credentials and network") from None
             raise

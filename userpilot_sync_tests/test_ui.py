@@ -1,0 +1,147 @@
+"""What a user does in the UI: dagster dev (webserver + daemon) on loopback, driven over GraphQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from userpilot_sync.partitions import last_complete_days
+
+REPO = Path(__file__).resolve().parents[1]
+PK = last_complete_days(1)[0].isoformat()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gql(url: str, query: str, variables: dict | None = None) -> dict:
+    response = httpx.post(url, json={"query": query, "variables": variables or {}}, timeout=30)
+    response.raise_for_status()
+    body = response.json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
+@pytest.fixture(scope="module")
+def dagster_dev(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui")
+    home = root / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    jobs = root / "sync_jobs"
+    jobs.mkdir()
+    demo = (REPO / "sync_jobs" / "demo.yaml").read_text().replace("path: exports", f"path: {root / 'exports'}")
+    (jobs / "demo.yaml").write_text(demo)
+    port = _free_port()
+    env = dict(
+        os.environ,
+        DAGSTER_HOME=str(home),
+        USERPILOT_SYNC_JOBS_DIR=str(jobs),
+        USERPILOT_SYNC_STAGING_DIR=str(root / "staging"),
+    )
+    log = open(root / "dagster_dev.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/graphql"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dagster dev exited: {(root / 'dagster_dev.log').read_text()[-3000:]}")
+            try:
+                data = _gql(url, "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
+                                 "locationOrLoadError { __typename } } } } }")
+                entries = data["workspaceOrError"]["locationEntries"]
+                if entries and entries[0]["loadStatus"] == "LOADED":
+                    assert entries[0]["locationOrLoadError"]["__typename"] == "RepositoryLocation", entries
+                    break
+            except (httpx.HTTPError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the code location did not load within 180 s")
+            time.sleep(1)
+        yield {"url": url, "location": entries[0]["name"], "root": root}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.integration
+def test_ui_lists_assets_and_materializes_a_partition(dagster_dev):
+    url = dagster_dev["url"]
+    nodes = _gql(url, "{ assetNodes { assetKey { path } groupName isPartitioned } }")["assetNodes"]
+    keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
+    assert {"demo/raw_events", "demo/track", "demo/interaction", "demo/manifest"} <= keys
+    assert all(n["groupName"] == "demo" and n["isPartitioned"] for n in nodes)
+
+    schedules = _gql(
+        url,
+        """query($sel: RepositorySelector!) { schedulesOrError(repositorySelector: $sel) {
+             ... on Schedules { results { name cronSchedule scheduleState { status } } } } }""",
+        {"sel": {"repositoryLocationName": dagster_dev["location"], "repositoryName": "__repository__"}},
+    )["schedulesOrError"]["results"]
+    assert {(s["name"], s["cronSchedule"], s["scheduleState"]["status"]) for s in schedules} == {
+        ("demo_daily_sync", "0 3 * * *", "STOPPED")
+    }
+
+    launched = _gql(
+        url,
+        """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+             __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
+        {
+            "p": {
+                "selector": {
+                    "repositoryLocationName": dagster_dev["location"],
+                    "repositoryName": "__repository__",
+                    "jobName": "demo_sync",
+                },
+                "executionMetadata": {"tags": [{"key": "dagster/partition", "value": PK}]},
+            }
+        },
+    )["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + 240
+    status = None
+    while time.monotonic() < deadline:
+        status = _gql(url, 'query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }', {"id": run_id})[
+            "runOrError"
+        ]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        time.sleep(2)
+    assert status == "SUCCESS", (dagster_dev["root"] / "dagster_dev.log").read_text()[-4000:]
+
+    manifest = dagster_dev["root"] / "exports" / "userpilot_events" / "userpilot_datasync_10001_NX-demo0001" / PK / "_manifest.json"
+    doc = json.loads(manifest.read_text())
+    assert doc["run_id"] == run_id and len(doc["files"]) == 7
+    assert sum(doc["event_types"].values()) == 5000
+
+    mats = _gql(
+        url,
+        """query($key: AssetKeyInput!, $pk: [String!]) { assetOrError(assetKey: $key) { ... on Asset {
+             assetMaterializations(partitions: $pk, limit: 1) { runId partition metadataEntries { label } } } } }""",
+        {"key": {"path": ["demo", "track"]}, "pk": [PK]},
+    )["assetOrError"]["assetMaterializations"]
+    assert mats[0]["runId"] == run_id and mats[0]["partition"] == PK
+    labels = {m["label"] for m in mats[0]["metadataEntries"]}
+    assert {"dagster/row_count", "dagster/uri", "dagster/column_schema", "bytes"} <= labels
