@@ -67,6 +67,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 failed.append(pk)
                 for message in failure_messages(result):
                     print(f"    {message}", file=sys.stderr)
+    if job.source.kind in ("demo", "export_api") and not failed:
+        with dg.DagsterInstance.get() as instance:
+            result = defs.resolve_job_def(f"{job.name}_definitions_refresh").execute_in_process(
+                instance=instance, raise_on_error=False
+            )
+        print(f"sync job {job.name}: definitions {'ok' if result.success else 'FAILED'} (run {result.run_id})")
+        if not result.success:
+            failed.append("definitions")
     if job.destination.kind == "local":
         root = Path(job.destination.path) / layout_for(job).root
         print(f"\nExported files under {root}:")

@@ -25,7 +25,7 @@ def test_shipped_definitions_load():
     loaded = defs()
     dg.Definitions.validate_loadable(loaded)
     keys = {k.to_user_string() for k in loaded.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {"demo/raw_events", "demo/manifest", *(f"demo/{et}" for et in EVENT_TYPES)}
+    assert keys == {"demo/raw_events", "demo/manifest", "demo/definitions", *(f"demo/{et}" for et in EVENT_TYPES)}
 
 
 def test_assets_carry_kinds_owners_descriptions_and_lineage(tmp_path):
@@ -37,6 +37,9 @@ def test_assets_carry_kinds_owners_descriptions_and_lineage(tmp_path):
         assert spec.kinds, key
         assert spec.owners == ["team:data"], key
         assert spec.description and "\n" not in spec.description, key
+        if key.path[-1] == "definitions":  # lookups are current state, not per day
+            assert spec.partitions_def is None
+            continue
         assert isinstance(spec.partitions_def, dg.DailyPartitionsDefinition)
         assert spec.partitions_def.timezone == "UTC"
     manifest = graph.get(dg.AssetKey(["demo", "manifest"]))
@@ -145,3 +148,18 @@ def test_manifest_follows_a_subset_materialization(tmp_path):
         evaluation = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
         assert evaluation.get_requested_partitions(dg.AssetKey(["demo", "manifest"])) == {PK}
         assert evaluation.total_requested == 1
+
+
+def test_definitions_asset_writes_demo_lookups(tmp_path):
+    import pyarrow.parquet as pq
+
+    job = make_job(tmp_path)
+    defs = build_definitions([job], tmp_path / "staging")
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("demo_definitions_refresh").execute_in_process(instance=instance)
+        assert result.success
+    folder = Path(job.destination.path) / "userpilot_events" / job.sync_folder / "definitions"
+    flows = pq.read_table(folder / "flows.parquet").to_pylist()
+    assert {f["id"] for f in flows} == {"448", "449", "450"}
+    features = pq.read_table(folder / "features_events.parquet").to_pylist()
+    assert {"1201", "1206"} <= {f["id"] for f in features}

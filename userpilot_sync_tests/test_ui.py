@@ -90,8 +90,9 @@ def test_ui_lists_assets_and_materializes_a_partition(dagster_dev):
     url = dagster_dev["url"]
     nodes = _gql(url, "{ assetNodes { assetKey { path } groupName isPartitioned } }")["assetNodes"]
     keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
-    assert {"demo/raw_events", "demo/track", "demo/interaction", "demo/manifest"} <= keys
-    assert all(n["groupName"] == "demo" and n["isPartitioned"] for n in nodes)
+    assert {"demo/raw_events", "demo/track", "demo/interaction", "demo/manifest", "demo/definitions"} <= keys
+    assert all(n["groupName"] == "demo" for n in nodes)
+    assert all(n["isPartitioned"] for n in nodes if n["assetKey"]["path"][-1] != "definitions")
 
     schedules = _gql(
         url,
@@ -100,7 +101,8 @@ def test_ui_lists_assets_and_materializes_a_partition(dagster_dev):
         {"sel": {"repositoryLocationName": dagster_dev["location"], "repositoryName": "__repository__"}},
     )["schedulesOrError"]["results"]
     assert {(s["name"], s["cronSchedule"], s["scheduleState"]["status"]) for s in schedules} == {
-        ("demo_daily_sync", "0 3 * * *", "STOPPED")
+        ("demo_daily_sync", "0 3 * * *", "STOPPED"),
+        ("demo_definitions_refresh", "0 3 * * *", "STOPPED"),
     }
 
     launched = _gql(

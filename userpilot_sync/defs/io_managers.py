@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def column_schema(event_type: str, exclude_columns) -> dg.TableSchema:
             for c in export_columns(event_type, exclude_columns)
         ]
     )
+
+
+@dataclass(frozen=True)
+class LookupTables:
+    """Lookup tables by kind (flows, checklists, ...), handed to the destination IO manager."""
+
+    tables: dict
 
 
 class StagingIOManager(dg.IOManager):
@@ -93,6 +101,8 @@ class DestinationIOManager(dg.IOManager):
             self._write_export(context, obj)
         elif isinstance(obj, dict) and obj.get("manifest_version"):
             self._write_manifest(context, obj)
+        elif isinstance(obj, LookupTables):
+            self._write_definitions(context, obj)
         else:  # pragma: no cover - wiring error
             raise TypeError(f"DestinationIOManager cannot write {type(obj).__name__}")
 
@@ -149,6 +159,22 @@ class DestinationIOManager(dg.IOManager):
                 "staging_removed": dg.MetadataValue.json(removed),
                 FILES_KEY: dg.MetadataValue.json(manifest["files"]),
                 "manifest": dg.MetadataValue.json(manifest),
+                FINGERPRINT_KEY: destination_fingerprint(self.job),
+            }
+        )
+
+    def _write_definitions(self, context: dg.OutputContext, lookups: LookupTables) -> None:
+        from userpilot_sync.source.lookups import write_definitions
+
+        work = self.staging_root / self.job.name
+        work.mkdir(parents=True, exist_ok=True)
+        written = write_definitions(self.job, self.storage, lookups.tables, work_dir=work)
+        context.add_output_metadata(
+            {
+                "dagster/row_count": sum(f.rows for f in written),
+                "dagster/uri": self.storage.uri(self.layout.key("definitions")),
+                "bytes": sum(f.bytes for f in written),
+                "files": dg.MetadataValue.json([f.__dict__ for f in written]),
                 FINGERPRINT_KEY: destination_fingerprint(self.job),
             }
         )

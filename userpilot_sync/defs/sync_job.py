@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 from userpilot_sync.config.model import SyncJob
-from userpilot_sync.defs.io_managers import DestinationIOManager, files_from_metadata
+from userpilot_sync.defs.io_managers import DestinationIOManager, LookupTables, files_from_metadata
 from userpilot_sync.defs.state import (
     COUNTS_KEY,
     FILES_KEY,
@@ -32,6 +32,7 @@ from userpilot_sync.export import prepare_export
 from userpilot_sync.partitions import check_in_window, day_window, parse_partition
 from userpilot_sync.pipeline import extract_and_stage
 from userpilot_sync.scheduling import (
+    DAILY_CRON,
     initial_backfill_partitions,
     sync_back_cron,
     sync_back_partitions,
@@ -264,6 +265,47 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
         )
 
     assets = [raw_events, *exports, manifest]
+    jobs = []
+    extra_schedules = []
+    if job.source.kind in ("demo", "export_api"):
+        definitions_key = dg.AssetKey([job.name, "definitions"])
+
+        @dg.asset(
+            key=definitions_key,
+            description="Lookups (flows, checklists, surveys, feature tags, segments, properties, ...) that name the ids in the exports.",
+            kinds={"pandera", dest_kind, "parquet"},
+            io_manager_key=destination_io_manager_key(job),
+            group_name=job.name,
+            owners=owners,
+            tags={"userpilot_sync/role": "definitions"},
+        )
+        def definitions(context: dg.AssetExecutionContext) -> LookupTables:
+            if not job.enabled:
+                raise UserpilotSyncError(f"sync job {job.name!r} is disabled: definitions are not refreshed")
+            check_destination_unchanged(context.instance, job, guard.destination_keys + [definitions_key])
+            from userpilot_sync.source.lookups import definitions_for_job
+
+            return LookupTables(definitions_for_job(job))
+
+        assets.append(definitions)
+        guard.destination_keys.append(definitions_key)
+        definitions_job = dg.define_asset_job(
+            name=f"{job.name}_definitions_refresh",
+            selection=dg.AssetSelection.assets(definitions_key),
+            description=f"Refresh the lookup definitions of sync job {job.name!r}.",
+            tags={SYNC_JOB_TAG: job.name},
+        )
+        jobs.append(definitions_job)
+        extra_schedules.append(
+            dg.ScheduleDefinition(
+                name=f"{job.name}_definitions_refresh",
+                cron_schedule=DAILY_CRON,
+                execution_timezone="UTC",
+                job=definitions_job,
+                default_status=dg.DefaultScheduleStatus.RUNNING if (job.enabled and job.schedules_running) else dg.DefaultScheduleStatus.STOPPED,
+                description=f"Daily 03:00 UTC refresh of {job.name!r}'s lookup definitions.",
+            )
+        )
 
     # ---------------------------------------------------------------- jobs and schedules
     selection = dg.AssetSelection.assets(raw_key, *export_keys.values(), manifest_key)
@@ -300,7 +342,7 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
             return dg.SkipReason(f"sync job {job.name!r} is disabled" if not job.enabled else "no partition in the window")
         return requests(keys, job.frequency)
 
-    schedules = [sync_schedule]
+    schedules = [sync_schedule, *extra_schedules]
     if job.sync_back is not None:
 
         @dg.schedule(
@@ -355,7 +397,7 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
 
     return dg.Definitions(
         assets=assets,
-        jobs=[sync_job_def],
+        jobs=[sync_job_def, *jobs],
         schedules=schedules,
         sensors=sensors,
         resources={destination_io_manager_key(job): DestinationIOManager(job, staging_root)},

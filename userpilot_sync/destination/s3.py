@@ -358,10 +358,14 @@ class S3Storage:
                 "role or role_arn)") from None
         except botocore.exceptions.ClientError as exc:
             raise self._permanent(operation, key, exc, attempts["n"]) from None
-        except (botocore.exceptions.BotoCoreError, ConnectionError, TimeoutError) as exc:
+        except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
+                ConnectionError, TimeoutError) as exc:
             raise DestinationError(
                 f"S3 destination {self._where()}: {operation} of {key} failed after {attempts['n']} attempt(s) "
                 f"({type(exc).__name__}); the endpoint is unreachable or keeps timing out") from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise DestinationError(
+                f"S3 destination {self._where()}: {operation} of {key} failed ({type(exc).__name__})") from None
 
     def _where(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
