@@ -1,8 +1,8 @@
 """Command line: run sync jobs through Dagster without the UI.
 
-    python -m userpilot_sync.cli sync [--job NAME] [--days N | --partition YYYY-MM-DD ...]
+    python -m userpilot_sync.cli sync [--job NAME] [--days N | --partition YYYY-MM-DD ... | --from D --to D]
 
-Each partition is one Dagster run (the sync job's asset job) recorded in the Dagster instance
+Each partition is one Dagster run (a --from/--to backfill: one run per backfill_days_per_run days) (the sync job's asset job) recorded in the Dagster instance
 of ``$DAGSTER_HOME`` (``make run`` uses ``.dagster_home/`` in the project folder), so the UI shows
 the same history. Prints the exported files and the newest manifest; exits 1 if a run failed.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import date, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -52,19 +53,35 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"unknown sync job {args.job!r}; configured: {', '.join(sorted(by_name)) or 'none'}", file=sys.stderr)
         return 2
     job = by_name[args.job]
-    partitions = args.partition or [d.isoformat() for d in last_complete_days(args.days)]
     defs = build_definitions(jobs)
     job_def = defs.resolve_job_def(f"{job.name}_sync")
     failed = []
+    if args.range_from:
+        # Backfill: runs of up to backfill_days_per_run days, each one extraction split by day,
+        # exactly what an asset backfill launches (without needing the daemon).
+        start, end = date.fromisoformat(args.range_from), date.fromisoformat(args.range_to or args.range_from)
+        days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
+        step = job.backfill_days_per_run
+        ranges = [(days[i], days[min(i + step, len(days)) - 1]) for i in range(0, len(days), step)]
+    else:
+        keys = args.partition or [d.isoformat() for d in last_complete_days(args.days)]
+        ranges = [(date.fromisoformat(k), date.fromisoformat(k)) for k in keys]
     with dg.DagsterInstance.get() as instance:
-        for pk in partitions:
-            result = job_def.execute_in_process(
-                partition_key=pk, instance=instance, tags=run_tags(job, pk), raise_on_error=False
-            )
+        for first, last in ranges:
+            label = first.isoformat() if first == last else f"{first.isoformat()}...{last.isoformat()}"
+            tags = dict(run_tags(job, label))
+            if first == last:
+                result = job_def.execute_in_process(
+                    partition_key=first.isoformat(), instance=instance, tags=tags, raise_on_error=False
+                )
+            else:
+                tags.update({"dagster/asset_partition_range_start": first.isoformat(),
+                             "dagster/asset_partition_range_end": last.isoformat()})
+                result = job_def.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
             status = "ok" if result.success else "FAILED"
-            print(f"sync job {job.name}: partition {pk} {status} (run {result.run_id})", flush=True)
+            print(f"sync job {job.name}: partition {label} {status} (run {result.run_id})", flush=True)
             if not result.success:
-                failed.append(pk)
+                failed.append(label)
                 for message in failure_messages(result):
                     print(f"    {message}", file=sys.stderr)
     if job.source.kind in ("demo", "export_api") and not failed:
@@ -98,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     sync.add_argument("--job", default="demo", help="sync job name (default: demo)")
     sync.add_argument("--days", type=int, default=7, help="the last N complete UTC days (default: 7)")
     sync.add_argument("--partition", action="append", help="a partition key YYYY-MM-DD (repeatable)")
+    sync.add_argument("--from", dest="range_from", help="backfill: first day YYYY-MM-DD (runs of backfill_days_per_run days)")
+    sync.add_argument("--to", dest="range_to", help="backfill: last day YYYY-MM-DD (default: --from)")
     sync.set_defaults(func=cmd_sync)
     args = parser.parse_args(argv)
     return args.func(args)

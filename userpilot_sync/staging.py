@@ -2,13 +2,19 @@
 
 Layout of one staged partition (``<root>/<sync_job>/<YYYY-MM-DD>/``)::
 
-    raw/<event_type>/<HH>.parquet     events of that type whose inserted_at falls in hour HH (UTC)
-    staged.json                       the StagedDay record (counts, unknown columns, source facts)
+    raw/<event_type>/<HH>/<NNNNN>.parquet   events of that type whose inserted_at falls in hour HH (UTC)
+    staged.json                             the StagedDay record (counts, unknown columns, source facts)
 
 Batches from the source are normalised (``source/normalize.py``), excluded columns are dropped
 before anything touches disk, rows outside the requested window are counted and skipped, and
-every row is appended to the Parquet writer of its (day, event type, hour) bucket. Memory holds
-one source batch at a time plus the writers' buffers; never a whole day. A staged day is written
+every row is appended to the Parquet writer of its (day, event type, hour) bucket. At most
+``MAX_OPEN_WRITERS`` writers are open at once (least recently used are closed; a bucket that is
+written again gets another file), so a range of many days stages with bounded memory and file
+handles. Memory holds one source batch at a time plus the writers' buffers; never a whole day.
+
+A day whose events break the schema while staging (an unknown ``event_type``) is marked failed
+(``StagedDay.error``) and its other events are still staged; in a one-day extraction the error
+is raised at once. A staged day is written
 into a temporary folder and renamed into place when complete, so a failed extraction never
 leaves a half-staged day behind.
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -36,6 +42,7 @@ from userpilot_sync.source.normalize import normalize_arrow
 
 STAGED_RECORD = "staged.json"
 _STAGING_COMPRESSION = "lz4"
+MAX_OPEN_WRITERS = 128
 
 
 @dataclass
@@ -57,15 +64,19 @@ class StagedDay:
     exclude_columns: list[str] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
     staged_at: str = ""
+    #: Set when the day's events break the schema while staging; the day is not exported.
+    error: str | None = None
 
     @property
     def root(self) -> Path:
         return Path(self.path)
 
-    def bucket_files(self, event_type: str) -> list[Path]:
-        """Staged hour buckets of one event type, in hour order."""
+    def bucket_files(self, event_type: str) -> list[str]:
+        """Staged hour buckets of one event type, in hour order (each a glob of its files)."""
         folder = self.root / "raw" / event_type
-        return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        if not folder.is_dir():
+            return []
+        return [str(hour / "*.parquet") for hour in sorted(folder.iterdir()) if hour.is_dir() and any(hour.glob("*.parquet"))]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -83,19 +94,29 @@ def partition_dir(root: Path, sync_job: str, partition: str) -> Path:
 
 
 class _BucketWriters:
+    """Parquet writers per (day, event type, hour) bucket; at most MAX_OPEN_WRITERS open."""
+
     def __init__(self, tmp_root: Path, schema: pa.Schema):
         self.tmp_root = tmp_root
         self.schema = schema
-        self.writers: dict[tuple[date, str, int], pq.ParquetWriter] = {}
+        self.writers: OrderedDict[tuple[date, str, int], pq.ParquetWriter] = OrderedDict()
+        self.sequence: Counter = Counter()
 
     def write(self, day: date, event_type: str, hour: int, table: pa.Table) -> None:
         key = (day, event_type, hour)
         writer = self.writers.get(key)
         if writer is None:
-            path = self.tmp_root / day.isoformat() / "raw" / event_type / f"{hour:02d}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if len(self.writers) >= MAX_OPEN_WRITERS:
+                _, oldest = self.writers.popitem(last=False)
+                oldest.close()
+            folder = self.tmp_root / day.isoformat() / "raw" / event_type / f"{hour:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{self.sequence[key]:05d}.parquet"
+            self.sequence[key] += 1
             writer = pq.ParquetWriter(path, self.schema, compression=_STAGING_COMPRESSION)
             self.writers[key] = writer
+        else:
+            self.writers.move_to_end(key)
         writer.write_table(table.cast(self.schema))
 
     def close(self) -> None:
@@ -136,6 +157,7 @@ def stage_days(
     outside = 0
     unknown_columns: set[str] = set()
     computed_ids = 0
+    errors: dict[str, str] = {}
     label = days[0].isoformat() if len(days) == 1 else f"{days[0].isoformat()}..{days[-1].isoformat()}"
     try:
         for batch in extraction.batches:
@@ -157,14 +179,21 @@ def stage_days(
             outside += n_before - frame.height
             if not frame.height:
                 continue
-            bad_types = frame.filter(~pl.col("event_type").is_in(list(EVENT_TYPES)))
+            known = pl.col("event_type").is_in(list(EVENT_TYPES))
+            bad_types = frame.filter(~known)
             if bad_types.height:
-                sample = bad_types.get_column("event_type").unique(maintain_order=True).head(5).to_list()
-                raise ValidationError(
-                    f"sync job {sync_job!r}, partition {label}: column 'event_type' has {bad_types.height} "
-                    f"value(s) outside the Userpilot Event Schema, e.g. {sample!r} ({batch.where}); "
-                    f"known event types are {', '.join(EVENT_TYPES)}. Nothing was exported for this partition."
-                )
+                for day_value, bad in bad_types.group_by(pl.col("inserted_at").dt.date().alias("_d"), maintain_order=True):
+                    key = day_value[0].isoformat()
+                    sample = bad.get_column("event_type").unique(maintain_order=True).head(5).to_list()
+                    message = (
+                        f"sync job {sync_job!r}, partition {key}: column 'event_type' has {bad.height} "
+                        f"value(s) outside the Userpilot Event Schema, e.g. {sample!r} ({batch.where}); "
+                        f"known event types are {', '.join(EVENT_TYPES)}. Nothing was exported for this partition."
+                    )
+                    if len(days) == 1:
+                        raise ValidationError(message)
+                    errors.setdefault(key, message)
+                frame = frame.filter(known)
             frame = frame.drop(excluded).with_columns(
                 pl.col("inserted_at").dt.date().alias("_day"), pl.col("inserted_at").dt.hour().alias("_hour")
             )
@@ -200,6 +229,7 @@ def stage_days(
                 exclude_columns=excluded,
                 source=dict(extraction.facts, window_from=window_start.isoformat(), window_to=window_end.isoformat()),
                 staged_at=now,
+                error=errors.get(key),
             )
             (tmp_day / STAGED_RECORD).write_text(record.to_json())
             final = partition_dir(root, sync_job, key)

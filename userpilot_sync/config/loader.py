@@ -30,6 +30,9 @@ def _format_errors(path: Path, exc: PydanticValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union")))
         msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        if err["type"] != "value_error" and isinstance(value, (str, int, float, bool)):
+            msg += f" (got {value!r})"  # value_error messages already quote the value
         lines.append(f"  key {loc or '(top level)'}: {msg}")
     return "\n".join(lines)
 
@@ -39,7 +42,10 @@ def load_sync_job_file(path: Path) -> SyncJob:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"sync job file {path.name}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"sync job file {path.name}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"sync job file {path.name}: expected a mapping of keys (name, sync_id, ...)")
     try:

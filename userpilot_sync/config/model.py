@@ -12,6 +12,8 @@ from datetime import date
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import ValidationError as PydanticCoreValidationError
 
 from userpilot_sync.schema.events import COLUMN_NAMES, EVENT_TYPES, REQUIRED_COLUMNS
 
@@ -20,6 +22,14 @@ NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _BUCKET_S3 = re.compile(r"^(?!xn--)(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _BUCKET_GCS = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+def _key_error(loc: tuple[str, ...], message: str, value: object) -> PydanticCoreValidationError:
+    """A validation error of a cross-field rule, located at the key ``loc`` (for ConfigError messages)."""
+    return PydanticCoreValidationError.from_exception_data(
+        "SyncJob",
+        [InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": message}), loc=loc, input=value)],
+    )
 
 
 class _Model(BaseModel):
@@ -283,8 +293,10 @@ class FormatSpec(_Model):
         if self.compression is None:
             object.__setattr__(self, "compression", allowed[0] if self.format == "parquet" else "none")
         if self.compression not in allowed:
-            raise ValueError(
-                f"compression {self.compression!r} is not available for {self.format} (choose one of {', '.join(allowed)})"
+            raise _key_error(
+                ("compression",),
+                f"compression {self.compression!r} is not available for {self.format} (choose one of {', '.join(allowed)})",
+                self.compression,
             )
         return self
 
@@ -320,6 +332,9 @@ class SyncJob(_Model):
     max_file_bytes: int | None = Field(None, ge=1024)
     #: First partition listed in the UI (partitions older than the 365-day window are refused).
     partitions_start: date = date(2025, 1, 1)
+    #: Days one backfill run exports at most (Dagster backfill policy multi_run); one extraction
+    #: covers the whole range and is split by day. 1 = one run per day.
+    backfill_days_per_run: int = Field(31, ge=1, le=MAX_WINDOW_DAYS)
     #: Days to keep staged raw events after a partition's manifest is written (0 = remove at once).
     keep_staging_days: int = Field(0, ge=0, le=30)
     #: Schedules start running when the code location loads (the demo ships with False).
@@ -335,6 +350,15 @@ class SyncJob(_Model):
             raise ValueError(
                 f"{v!r} is not a valid sync job name: use lower-case letters, digits and '_', starting with a letter"
             )
+        return v
+
+    @field_validator("sync_id", mode="before")
+    @classmethod
+    def _sync_id_text(cls, v: object) -> object:
+        # YAML reads 13214 as a number and 0123 as octal 83: a sync_id must be quoted text, or the
+        # sync folder (fixed at the first export) could silently differ from Userpilot's.
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            raise ValueError(f"{v!r} was read as a number; write the sync_id in quotes, e.g. sync_id: \"{v}\"")
         return v
 
     @field_validator("sync_id")
@@ -365,13 +389,27 @@ class SyncJob(_Model):
     @model_validator(mode="after")
     def _consistency(self) -> "SyncJob":
         if self.max_file_rows and self.max_file_bytes:
-            raise ValueError("set max_file_rows or max_file_bytes, not both")
-        if self.sync_back and self.frequency == "weekly" and self.sync_back.days < 7:
-            raise ValueError(
-                "sync_back.days must be at least 7 for a weekly sync job (the weekly sync already exports 7 days)"
+            raise _key_error(("max_file_bytes",), "set max_file_rows or max_file_bytes, not both", self.max_file_bytes)
+        sb = self.sync_back
+        if sb and self.frequency == "weekly" and sb.days < 7:
+            raise _key_error(
+                ("sync_back", "days"),
+                f"{sb.days} days is less than the 7 days the weekly sync already exports every Monday; "
+                f"a weekly sync job's sync back needs days from 7 to {MAX_WINDOW_DAYS}",
+                sb.days,
+            )
+        if sb and sb.hour == 3 and (self.frequency == "daily" or sb.weekday == "monday"):
+            when = "every day" if self.frequency == "daily" else "on Mondays"
+            raise _key_error(
+                ("sync_back", "hour"),
+                f"the sync back would start at the same time as the {self.frequency} sync ({when} at 03:00 UTC) "
+                f"and export the same partitions twice at once; choose another hour"
+                + (" or weekday" if self.frequency == "weekly" else ""),
+                sb.hour,
             )
         if self.kms_mismatch():
-            raise ValueError("destination.kms_key_id is only used with sse: aws:kms")
+            raise _key_error(("destination", "kms_key_id"), "destination.kms_key_id is only used with sse: aws:kms",
+                             getattr(self.destination, "kms_key_id", None))
         return self
 
     def kms_mismatch(self) -> bool:

@@ -1,19 +1,24 @@
 """IO managers: staging (raw events on local disk) and destinations (local, S3, GCS).
 
+Every output covers one or more partitions: a run launched for one day covers one, a backfill
+run (backfill policy ``multi_run``) covers a range of days. Values are therefore keyed by
+partition, and so is the metadata that later steps read back from the instance
+(``userpilot/files``, ``userpilot/counts``, ``userpilot/generations``, ``userpilot/failed``).
+Dagster records one materialization per partition of the range, each with the whole output's
+metadata; the per-day entries inside it are the per-day record.
+
 * :class:`StagingIOManager` — ``<job>/raw_events`` outputs are already on disk (the stager wrote
-  them); it records nothing else and loads the :class:`~userpilot_sync.staging.StagedDay`
-  record for downstream export assets.
-* :class:`DestinationIOManager` — one per sync job. Export assets hand it a
-  :class:`~userpilot_sync.export.PreparedExport` (validated, ordered files in staging); it
-  streams them out in every format of the sync job through the destination's storage and adds
-  the materialization metadata. The manifest asset hands it the manifest document, written
-  last. It never loads anything from the customer's bucket.
+  them); it loads the :class:`~userpilot_sync.staging.StagedDay` records for downstream exports.
+* :class:`DestinationIOManager` — one per sync job. Export assets hand it an
+  :class:`ExportBatch` (validated, ordered files in staging, per day); it streams them out in
+  every format of the sync job through the destination's storage. The manifest asset hands it a
+  :class:`ManifestBatch`, written last. It never loads anything from the customer's bucket.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,11 +29,21 @@ from userpilot_sync.destination.factory import build_storage
 from userpilot_sync.destination.layout import Layout
 from userpilot_sync.destination.manifest import FileRecord
 from userpilot_sync.destination.storage import Storage
+from userpilot_sync.destination.superseded import delete_superseded
 from userpilot_sync.destination.writer import layout_for, write_export, write_manifest
-from userpilot_sync.errors import SourceError
+from userpilot_sync.defs.state import (
+    COUNTS_KEY,
+    FAILED_KEY,
+    FILES_KEY,
+    FINGERPRINT_KEY,
+    GENERATIONS_KEY,
+    destination_fingerprint,
+    latest_materialization,
+    metadata_value,
+)
+from userpilot_sync.errors import SourceError, UserpilotSyncError
 from userpilot_sync.export import PreparedExport
 from userpilot_sync.partitions import parse_partition
-from userpilot_sync.defs.state import COUNTS_KEY, FILES_KEY, FINGERPRINT_KEY, destination_fingerprint
 from userpilot_sync.schema.events import export_columns
 from userpilot_sync.staging import StagedDay, partition_dir, remove_staged
 
@@ -48,6 +63,23 @@ def column_schema(event_type: str, exclude_columns) -> dg.TableSchema:
     )
 
 
+@dataclass
+class ExportBatch:
+    """Prepared exports of one event type, per partition; ``failed`` maps bad days to the error."""
+
+    event_type: str
+    exports: dict[str, PreparedExport]
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ManifestBatch:
+    """Manifests to write, per partition; ``failed`` maps days that get no manifest to why."""
+
+    manifests: dict[str, dict]
+    failed: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class LookupTables:
     """Lookup tables by kind (flows, checklists, ...), handed to the destination IO manager."""
@@ -61,118 +93,178 @@ class StagingIOManager(dg.IOManager):
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def handle_output(self, context: dg.OutputContext, obj: StagedDay) -> None:
-        # The stager already wrote the data and its staged.json record.
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
+        # The stager already wrote the data and its staged.json records.
         return None
 
-    def load_input(self, context: dg.InputContext) -> StagedDay:
+    def load_input(self, context: dg.InputContext) -> dict[str, StagedDay]:
         sync_job = context.asset_key.path[0]
-        partition = context.asset_partition_key
-        folder = partition_dir(self.root, sync_job, partition)
-        if not (folder / "staged.json").exists():
-            raise SourceError(
-                f"sync job {sync_job!r}, partition {partition}: no staged raw events (staging is removed once a "
-                f"partition's manifest is written). Materialize {sync_job}/raw_events together with the exports "
-                f"of this partition."
-            )
-        return StagedDay.load(folder)
+        staged = {}
+        for partition in context.asset_partition_keys:
+            folder = partition_dir(self.root, sync_job, partition)
+            if not (folder / "staged.json").exists():
+                raise SourceError(
+                    f"sync job {sync_job!r}, partition {partition}: no staged raw events (staging is removed once "
+                    f"a partition's manifest is written). Materialize {sync_job}/raw_events together with the "
+                    f"exports of this partition."
+                )
+            staged[partition] = StagedDay.load(folder)
+        return staged
+
+
+def _instance(context: dg.OutputContext) -> dg.DagsterInstance:
+    return context.step_context.instance
 
 
 class DestinationIOManager(dg.IOManager):
-    """Writes one sync job's exports and manifests to its destination (write-only)."""
+    """Writes one sync job's exports, manifests and definitions to its destination (write-only)."""
 
     def __init__(self, job: SyncJob, staging_root: Path):
         self.job = job
         self.staging_root = Path(staging_root)
-        self._storage: Storage | None = None
-
-    @property
-    def storage(self) -> Storage:
-        if self._storage is None:
-            self._storage = build_storage(self.job)
-        return self._storage
 
     @property
     def layout(self) -> Layout:
         return layout_for(self.job)
 
+    def _storage(self, context: dg.OutputContext, partitions: list[str]) -> tuple[Storage, dict[str, dict[str, int]]]:
+        """A storage for this output, with the GCS generations recorded for its partitions."""
+        recorded: dict[str, dict[str, int]] = {}
+        if self.job.destination.kind == "gcs":
+            for pk in partitions:
+                mat = latest_materialization(_instance(context), context.asset_key, pk)
+                recorded[pk] = dict((metadata_value(mat, GENERATIONS_KEY) or {}).get(pk, {}))
+        merged = {k: v for gens in recorded.values() for k, v in gens.items()}
+        return build_storage(self.job, generations=merged), recorded
+
+    @staticmethod
+    def _generations_by_partition(storage: Storage, keys_by_pk: dict[str, list[str]], recorded) -> dict:
+        written = getattr(storage, "written", None)
+        if written is None:
+            return {}
+        out = {}
+        for pk, keys in keys_by_pk.items():
+            gens = dict(recorded.get(pk, {}))
+            gens.update({k: written[k] for k in keys if k in written})
+            for k in getattr(storage, "deleted", []):
+                gens.pop(k, None)
+            out[pk] = gens
+        return out
+
     def handle_output(self, context: dg.OutputContext, obj) -> None:
-        if isinstance(obj, PreparedExport):
-            self._write_export(context, obj)
-        elif isinstance(obj, dict) and obj.get("manifest_version"):
-            self._write_manifest(context, obj)
+        if isinstance(obj, ExportBatch):
+            self._write_exports(context, obj)
+        elif isinstance(obj, ManifestBatch):
+            self._write_manifests(context, obj)
         elif isinstance(obj, LookupTables):
             self._write_definitions(context, obj)
         else:  # pragma: no cover - wiring error
             raise TypeError(f"DestinationIOManager cannot write {type(obj).__name__}")
 
-    def _write_export(self, context: dg.OutputContext, prepared: PreparedExport) -> None:
-        work = partition_dir(self.staging_root, self.job.name, prepared.partition) / "write" / prepared.event_type
-        written = write_export(prepared, self.job, self.storage, work)
-        total_bytes = sum(f.bytes for f in written.files)
-        first = written.keys[0] if written.keys else self.layout.root
-        context.add_output_metadata(
-            {
-                "dagster/row_count": prepared.rows,
-                "dagster/uri": self.storage.uri(first),
-                "dagster/column_schema": column_schema(prepared.event_type, prepared.exclude_columns),
-                "bytes": total_bytes,
-                "files": len(written.files),
-                "formats": ", ".join(f.label for f in self.job.formats),
-                "partition": prepared.partition,
-                "duplicates_dropped": prepared.duplicates_dropped,
+    # ------------------------------------------------------------------ exports
+    def _write_exports(self, context: dg.OutputContext, batch: ExportBatch) -> None:
+        storage, recorded = self._storage(context, sorted(batch.exports))
+        files: dict[str, list[dict]] = {}
+        counts: dict[str, dict] = {}
+        keys_by_pk: dict[str, list[str]] = {}
+        for pk in sorted(batch.exports):
+            prepared = batch.exports[pk]
+            work = partition_dir(self.staging_root, self.job.name, pk) / "write" / prepared.event_type
+            written = write_export(prepared, self.job, storage, work)
+            files[pk] = [f.to_dict() for f in written.files]
+            keys_by_pk[pk] = written.keys
+            counts[pk] = {
+                "rows": prepared.rows,
+                "rows_staged": prepared.rows_staged,
                 "filtered_out": prepared.filtered_out,
-                FILES_KEY: dg.MetadataValue.json([f.to_dict() for f in written.files]),
-                COUNTS_KEY: dg.MetadataValue.json(
-                    {
-                        "rows": prepared.rows,
-                        "rows_staged": prepared.rows_staged,
-                        "filtered_out": prepared.filtered_out,
-                        "duplicates_dropped": prepared.duplicates_dropped,
-                        "unknown_sources": prepared.unknown_sources,
-                        "unknown_statuses": prepared.unknown_statuses,
-                        "entity_types": prepared.entity_types,
-                    }
-                ),
-                FINGERPRINT_KEY: destination_fingerprint(self.job),
+                "duplicates_dropped": prepared.duplicates_dropped,
+                "unknown_sources": prepared.unknown_sources,
+                "unknown_statuses": prepared.unknown_statuses,
+                "entity_types": prepared.entity_types,
             }
-        )
+        all_files = [f for pk in files for f in files[pk]]
+        exclude = next(iter(batch.exports.values())).exclude_columns if batch.exports else self.job.filters.exclude_columns
+        if len(files) == 1 and all_files:
+            uri = storage.uri(self.layout.key(all_files[0]["path"]))
+        else:
+            uri = storage.uri(self.layout.root)
+        metadata = {
+            "dagster/row_count": sum(c["rows"] for c in counts.values()),
+            "dagster/uri": uri,
+            "dagster/column_schema": column_schema(batch.event_type, exclude),
+            "bytes": sum(f["bytes"] for f in all_files),
+            "files": len(all_files),
+            "formats": ", ".join(f.label for f in self.job.formats),
+            "partitions": ", ".join(sorted(files)) if len(files) <= 3 else f"{min(files)}..{max(files)} ({len(files)} days)",
+            "duplicates_dropped": sum(c["duplicates_dropped"] for c in counts.values()),
+            "filtered_out": sum(c["filtered_out"] for c in counts.values()),
+            FILES_KEY: dg.MetadataValue.json(files),
+            COUNTS_KEY: dg.MetadataValue.json(counts),
+            FAILED_KEY: dg.MetadataValue.json(batch.failed),
+            FINGERPRINT_KEY: destination_fingerprint(self.job),
+        }
+        gens = self._generations_by_partition(storage, keys_by_pk, recorded)
+        if gens:
+            metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)
+        context.add_output_metadata(metadata)
 
-    def _write_manifest(self, context: dg.OutputContext, manifest: dict) -> None:
-        key = write_manifest(manifest, self.job, self.storage)
-        deleted = []
-        if manifest.get("deleted"):
-            for path in manifest["deleted"]:
-                self.storage.delete(self.layout.key(path))
-                deleted.append(path)
-        partition = manifest["partition"]
-        removed = self._clean_staging(partition)
-        context.add_output_metadata(
-            {
-                "dagster/uri": self.storage.uri(key),
-                "dagster/row_count": sum(manifest["event_types"].values()),
-                "files": len(manifest["files"]),
-                "bytes": sum(f["bytes"] for f in manifest["files"]),
-                "source_rows": manifest["source"].get("source_rows", 0),
-                "superseded": dg.MetadataValue.json(manifest["superseded"]),
-                "deleted": dg.MetadataValue.json(deleted),
-                "staging_removed": dg.MetadataValue.json(removed),
-                FILES_KEY: dg.MetadataValue.json(manifest["files"]),
-                "manifest": dg.MetadataValue.json(manifest),
-                FINGERPRINT_KEY: destination_fingerprint(self.job),
-            }
-        )
+    # ------------------------------------------------------------------ manifests
+    def _write_manifests(self, context: dg.OutputContext, batch: ManifestBatch) -> None:
+        storage, recorded = self._storage(context, sorted(batch.manifests))
+        keys_by_pk: dict[str, list[str]] = {}
+        files: dict[str, list[dict]] = {}
+        deleted: dict[str, list[str]] = {}
+        removed: list[str] = []
+        allow_deletes = bool(getattr(self.job.destination, "allow_deletes", False))
+        for pk in sorted(batch.manifests):
+            manifest = batch.manifests[pk]
+            key = write_manifest(manifest, self.job, storage)
+            keys_by_pk[pk] = [key]
+            files[pk] = manifest["files"]
+            deleted[pk] = delete_superseded(storage, self.layout, manifest["deleted"], allow_deletes=allow_deletes)
+            removed.extend(self._clean_staging(pk))
+        manifests = list(batch.manifests.values())
+        metadata = {
+            "dagster/row_count": sum(sum(m["event_types"].values()) for m in manifests),
+            "files": sum(len(m["files"]) for m in manifests),
+            "bytes": sum(f["bytes"] for m in manifests for f in m["files"]),
+            "source_rows": sum(m["source"].get("source_rows", 0) for m in manifests),
+            "superseded": dg.MetadataValue.json({pk: m["superseded"] for pk, m in batch.manifests.items()}),
+            "deleted": dg.MetadataValue.json(deleted),
+            "staging_removed": dg.MetadataValue.json(removed),
+            FILES_KEY: dg.MetadataValue.json(files),
+            FAILED_KEY: dg.MetadataValue.json(batch.failed),
+            FINGERPRINT_KEY: destination_fingerprint(self.job),
+        }
+        if len(manifests) == 1:
+            metadata["dagster/uri"] = storage.uri(keys_by_pk[manifests[0]["partition"]][0])
+            metadata["manifest"] = dg.MetadataValue.json(manifests[0])
+        else:
+            metadata["dagster/uri"] = storage.uri(self.layout.root)
+        gens = self._generations_by_partition(storage, keys_by_pk, recorded)
+        if gens:
+            metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)
+        context.add_output_metadata(metadata)
+        if batch.failed:
+            raise UserpilotSyncError(
+                f"sync job {self.job.name!r}: {len(batch.failed)} partition(s) of this run failed and got no "
+                f"manifest (the other {len(manifests)} were exported completely):\n"
+                + "\n".join(f"  {pk}: " + msg.replace("\n", "\n    ") for pk, msg in sorted(batch.failed.items()))
+                + "\nFix the source data and re-run those partitions."
+            )
 
+    # ------------------------------------------------------------------ definitions
     def _write_definitions(self, context: dg.OutputContext, lookups: LookupTables) -> None:
         from userpilot_sync.source.lookups import write_definitions
 
         work = self.staging_root / self.job.name
         work.mkdir(parents=True, exist_ok=True)
-        written = write_definitions(self.job, self.storage, lookups.tables, work_dir=work)
+        storage = build_storage(self.job)
+        written = write_definitions(self.job, storage, lookups.tables, work_dir=work)
         context.add_output_metadata(
             {
                 "dagster/row_count": sum(f.rows for f in written),
-                "dagster/uri": self.storage.uri(self.layout.key("definitions")),
+                "dagster/uri": storage.uri(self.layout.key("definitions")),
                 "bytes": sum(f.bytes for f in written),
                 "files": dg.MetadataValue.json([f.__dict__ for f in written]),
                 FINGERPRINT_KEY: destination_fingerprint(self.job),
@@ -205,8 +297,8 @@ class DestinationIOManager(dg.IOManager):
         )
 
 
-def files_from_metadata(value) -> list[FileRecord]:
-    """FileRecords from a ``userpilot/files`` metadata value."""
+def files_from_metadata(value, partition: str) -> list[FileRecord]:
+    """FileRecords of one partition from a ``userpilot/files`` metadata value ({partition: [...]})."""
     if isinstance(value, str):
         value = json.loads(value)
-    return [FileRecord(**f) for f in (value or [])]
+    return [FileRecord(**f) for f in (value or {}).get(partition, [])]

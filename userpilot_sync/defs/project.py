@@ -24,5 +24,10 @@ def build_definitions(jobs: list[SyncJob], staging: Path | None = None) -> dg.De
     """Definitions of every sync job (separate groups, key prefixes, schedules and IO managers)."""
     staging = staging or staging_root()
     per_job = [build_sync_job_definitions(job, staging) for job in jobs]
-    shared = dg.Definitions(resources={STAGING_IO_MANAGER_KEY: StagingIOManager(staging)})
+    # In-process execution: on a small machine a process per step (~2 s of imports each) costs
+    # more than the parallelism gains; pools are still enforced (one export job per app token).
+    shared = dg.Definitions(
+        resources={STAGING_IO_MANAGER_KEY: StagingIOManager(staging)},
+        executor=dg.in_process_executor,
+    )
     return dg.Definitions.merge(shared, *per_job)

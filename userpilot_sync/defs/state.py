@@ -3,8 +3,11 @@
 * every export/manifest materialization carries ``userpilot/destination_fingerprint``; the
   first one fixes the sync job's destination, and :func:`check_destination_unchanged` refuses
   a run whose destination differs;
-* export materializations carry ``userpilot/files`` (the manifest entries of their files) and
-  the counts the manifest reports; the manifest asset reads them back per partition.
+* export materializations carry, keyed by partition, ``userpilot/files`` (the manifest entries
+  of their files), ``userpilot/counts``, ``userpilot/failed`` (days that could not be exported)
+  and, on GCS, ``userpilot/generations`` (object key -> generation, the preconditions of the next
+  overwrite); raw_events carries ``userpilot/staged`` (source facts per day). The manifest asset
+  reads them back per partition.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from userpilot_sync.errors import DestinationError
 FINGERPRINT_KEY = "userpilot/destination_fingerprint"
 FILES_KEY = "userpilot/files"
 COUNTS_KEY = "userpilot/counts"
+FAILED_KEY = "userpilot/failed"
+GENERATIONS_KEY = "userpilot/generations"
+STAGED_KEY = "userpilot/staged"
 
 
 def destination_fingerprint(job: SyncJob) -> str:

@@ -18,16 +18,25 @@ from pathlib import Path
 import dagster as dg
 
 from userpilot_sync.config.model import SyncJob
-from userpilot_sync.defs.io_managers import DestinationIOManager, LookupTables, files_from_metadata
+from userpilot_sync.defs.io_managers import (
+    DestinationIOManager,
+    ExportBatch,
+    LookupTables,
+    ManifestBatch,
+    files_from_metadata,
+)
 from userpilot_sync.defs.state import (
     COUNTS_KEY,
+    FAILED_KEY,
     FILES_KEY,
+    STAGED_KEY,
     check_destination_unchanged,
     latest_materialization,
     metadata_value,
 )
 from userpilot_sync.destination.manifest import build_manifest
-from userpilot_sync.errors import UserpilotSyncError, WindowError
+from userpilot_sync.destination.superseded import superseded_paths
+from userpilot_sync.errors import DestinationError, UserpilotSyncError, ValidationError, WindowError
 from userpilot_sync.export import prepare_export
 from userpilot_sync.partitions import check_in_window, day_window, parse_partition
 from userpilot_sync.pipeline import extract_and_stage
@@ -39,7 +48,6 @@ from userpilot_sync.scheduling import (
     sync_cron,
     sync_partitions,
 )
-from userpilot_sync.staging import StagedDay
 
 STAGING_IO_MANAGER_KEY = "userpilot_staging_io_manager"
 PARTITION_LOCK_TAG = "userpilot_sync/partition_lock"
@@ -67,21 +75,35 @@ class _Guard:
         self.job = job
         self.destination_keys = destination_keys
 
-    def __call__(self, context: dg.AssetExecutionContext) -> str:
+    def __call__(self, context: dg.AssetExecutionContext) -> list[str]:
+        """The run's partition keys (one, or a backfill range), after every check passed."""
         job = self.job
-        partition = context.partition_key
+        partitions = list(context.partition_keys)
+        label = partitions[0] if len(partitions) == 1 else f"{partitions[0]}..{partitions[-1]}"
         if not job.enabled:
             raise UserpilotSyncError(
                 f"sync job {job.name!r} is disabled (enabled: false in {job.source_file or 'its file'}): no new "
                 f"exports are made and files already exported stay untouched. Set enabled: true to export "
-                f"partition {partition}."
+                f"partition {label}."
             )
-        try:
-            check_in_window(job.name, parse_partition(partition))
-        except ValueError as exc:
-            raise WindowError(f"sync job {job.name!r}: {exc}") from None
+        for pk in partitions:
+            try:
+                check_in_window(job.name, parse_partition(pk))
+            except ValueError as exc:
+                raise WindowError(f"sync job {job.name!r}: {exc}") from None
         check_destination_unchanged(context.instance, job, self.destination_keys)
-        return partition
+        dest = job.destination
+        if dest.kind == "gcs" and dest.overwrite == "refuse":
+            for pk in partitions:
+                for key in self.destination_keys:
+                    if key.path[-1] != "definitions" and latest_materialization(context.instance, key, pk):
+                        raise DestinationError(
+                            f"sync job {job.name!r}, partition {pk}: this partition was exported before and "
+                            f"destination.overwrite is 'refuse' (a roles/storage.objectCreator credential cannot "
+                            f"replace objects). Grant the custom role with storage.objects.delete and set "
+                            f"overwrite: overwrite to re-export. Nothing was written."
+                        )
+        return partitions
 
 
 def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitions:
@@ -95,7 +117,14 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
     owners = list(job.owners)
     dest_kind = job.destination.kind
     formats = sorted({f.format for f in job.formats})
-    common = dict(group_name=job.name, owners=owners, partitions_def=parts)
+    # A backfill run exports up to backfill_days_per_run days: one extraction for the range,
+    # split by day (each day still gets its own exports and manifest).
+    common = dict(
+        group_name=job.name,
+        owners=owners,
+        partitions_def=parts,
+        backfill_policy=dg.BackfillPolicy.multi_run(job.backfill_days_per_run),
+    )
     source_label = {"demo": "the demo generator", "files": "local export files",
                     "export_api": "the Bulk Data Export API"}[job.source.kind]
 
@@ -118,36 +147,48 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
         **common,
     )
     def raw_events(context: dg.AssetExecutionContext):
-        partition = guard(context)
-        day = parse_partition(partition)
-        staged = extract_and_stage(job, [day], staging_root)[partition]
-        previous = latest_materialization(
-            context.instance, raw_key, (day - timedelta(days=1)).isoformat()
-        )
-        previous_rows = metadata_value(previous, "source_rows")
-        suspicious = staged.rows_received == 0 and bool(previous_rows)
-        if suspicious:
-            context.log.warning(
-                f"sync job {job.name!r}, partition {partition}: the source returned no events, but the previous "
-                f"day had {previous_rows}. Check the source (API key, filters) before trusting this empty day."
-            )
+        partitions = guard(context)
+        days = [parse_partition(pk) for pk in partitions]
+        staged = extract_and_stage(job, days, staging_root)
+        previous = latest_materialization(context.instance, raw_key, (days[0] - timedelta(days=1)).isoformat())
+        previous_rows = (metadata_value(previous, STAGED_KEY) or {}).get(
+            (days[0] - timedelta(days=1)).isoformat(), {}
+        ).get("source_rows")
+        suspicious = {}
+        per_day = {}
+        for pk in partitions:
+            day = staged[pk]
+            if day.rows_received == 0 and previous_rows:
+                suspicious[pk] = previous_rows
+                context.log.warning(
+                    f"sync job {job.name!r}, partition {pk}: the source returned no events, but the previous day "
+                    f"had {previous_rows}. Check the source (API key, filters) before trusting this empty day."
+                )
+            previous_rows = day.rows_received
+            per_day[pk] = {
+                "source_rows": day.rows_received,
+                "rows_outside_window": day.rows_outside_window,
+                "rows_by_event_type": day.rows_by_event_type,
+                "unknown_columns": day.unknown_columns,
+                "computed_ids": day.computed_ids,
+                "source": day.source,
+                "error": day.error,
+            }
         yield dg.Output(
             staged,
             metadata={
-                "source_rows": staged.rows_received,
-                "rows_outside_window": staged.rows_outside_window,
-                "rows_by_event_type": dg.MetadataValue.json(staged.rows_by_event_type),
-                "unknown_columns": dg.MetadataValue.json(staged.unknown_columns),
-                "computed_ids": staged.computed_ids,
-                "source_facts": dg.MetadataValue.json(staged.source),
-                "staging_path": dg.MetadataValue.path(staged.path),
+                "source_rows": sum(d.rows_received for d in staged.values()),
+                "rows_outside_window": max((d.rows_outside_window for d in staged.values()), default=0),
+                "unknown_columns": dg.MetadataValue.json(sorted({c for d in staged.values() for c in d.unknown_columns})),
+                "failed_partitions": dg.MetadataValue.json({pk: d.error for pk, d in staged.items() if d.error}),
+                STAGED_KEY: dg.MetadataValue.json(per_day),
             },
         )
         yield dg.AssetCheckResult(
             check_name="not_unexpectedly_empty",
             passed=not suspicious,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"source_rows": staged.rows_received, "previous_day_rows": int(previous_rows or 0)},
+            metadata={"empty_days_after_non_empty": dg.MetadataValue.json(suspicious)},
         )
 
     # ---------------------------------------------------------------- exports
@@ -174,17 +215,38 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
             tags={"userpilot_sync/role": "export", "userpilot_sync/event_type": event_type},
             **common,
         )
-        def export(context: dg.AssetExecutionContext, raw_events: StagedDay):
-            guard(context)
-            prepared = prepare_export(raw_events, job, event_type, raw_events.root / "prepared" / event_type)
-            yield dg.Output(prepared)
-            unknown = {"source": prepared.unknown_sources, "interaction_status": prepared.unknown_statuses}
+        def export(context: dg.AssetExecutionContext, raw_events: dict):
+            partitions = guard(context)
+            exports, failed = {}, {}
+            for pk in partitions:
+                staged = raw_events[pk]
+                if staged.error:
+                    failed[pk] = staged.error
+                    continue
+                try:
+                    exports[pk] = prepare_export(staged, job, event_type, staged.root / "prepared" / event_type)
+                except ValidationError as exc:
+                    failed[pk] = str(exc)
+            if failed and (len(partitions) == 1 or not exports):
+                raise ValidationError("\n".join(failed[pk] for pk in sorted(failed)))
+            for pk, message in sorted(failed.items()):
+                context.log.error(message)
+            yield dg.Output(ExportBatch(event_type, exports, failed))
+            unknown_sources: dict[str, int] = {}
+            unknown_statuses: dict[str, int] = {}
+            entities: dict[str, int] = {}
+            for prepared in exports.values():
+                for target, values in ((unknown_sources, prepared.unknown_sources),
+                                       (unknown_statuses, prepared.unknown_statuses),
+                                       (entities, prepared.entity_types)):
+                    for value, n in values.items():
+                        target[value] = target.get(value, 0) + n
             yield dg.AssetCheckResult(
                 check_name="known_values",
-                passed=not (prepared.unknown_sources or prepared.unknown_statuses),
+                passed=not (unknown_sources or unknown_statuses),
                 severity=dg.AssetCheckSeverity.WARN,
-                metadata={"unknown_values": dg.MetadataValue.json(unknown),
-                          "entity_types": dg.MetadataValue.json(prepared.entity_types)},
+                metadata={"unknown_values": dg.MetadataValue.json({"source": unknown_sources, "interaction_status": unknown_statuses}),
+                          "entity_types": dg.MetadataValue.json(entities)},
             )
 
         return export
@@ -213,53 +275,76 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
         tags={"userpilot_sync/role": "manifest"},
         **common,
     )
-    def manifest(context: dg.AssetExecutionContext) -> dict:
-        partition = guard(context)
+    def manifest(context: dg.AssetExecutionContext) -> ManifestBatch:
+        partitions = guard(context)
         instance = context.instance
+        manifests, failed = {}, {}
+        for partition in partitions:
+            try:
+                manifests[partition] = _manifest_of(instance, partition, context.run_id)
+            except UserpilotSyncError as exc:
+                if len(partitions) == 1:
+                    raise
+                failed[partition] = str(exc)
+        return ManifestBatch(manifests, failed)
+
+    def _manifest_of(instance: dg.DagsterInstance, partition: str, run_id: str) -> dict:
         files = []
         rows: dict[str, int] = {}
         export_runs: dict[str, str] = {}
         dupes = filtered = 0
-        missing = []
+        missing, bad = [], {}
         for event_type, key in export_keys.items():
             records = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
             ).records
-            if not records:
+            mat = records[0].asset_materialization if records else None
+            failure = (metadata_value(mat, FAILED_KEY) or {}).get(partition)
+            counts = (metadata_value(mat, COUNTS_KEY) or {}).get(partition)
+            if failure:
+                bad[event_type] = failure
+                continue
+            if mat is None or counts is None:
                 missing.append(event_type)
                 continue
-            mat = records[0].asset_materialization
-            files.extend(files_from_metadata(metadata_value(mat, FILES_KEY)))
-            counts = metadata_value(mat, COUNTS_KEY) or {}
+            files.extend(files_from_metadata(metadata_value(mat, FILES_KEY), partition))
             rows[event_type] = int(counts.get("rows", 0))
             dupes += int(counts.get("duplicates_dropped", 0))
             filtered += int(counts.get("filtered_out", 0))
             export_runs[event_type] = records[0].run_id
+        if bad:
+            raise UserpilotSyncError(
+                f"sync job {job.name!r}, partition {partition}: export(s) {sorted(bad)} failed validation, so the "
+                f"partition gets no manifest:\n" + "\n".join(bad[et] for et in sorted(bad))
+            )
         if missing:
             raise UserpilotSyncError(
                 f"sync job {job.name!r}, partition {partition}: export(s) {missing} have not been materialized for "
                 f"this partition; materialize them (with {job.name}/raw_events) before the manifest."
             )
         raw = latest_materialization(instance, raw_key, partition)
-        source = dict(metadata_value(raw, "source_facts") or {})
+        staged = (metadata_value(raw, STAGED_KEY) or {}).get(partition, {})
+        source = dict(staged.get("source") or {})
         source.update(
-            source_rows=int(metadata_value(raw, "source_rows") or 0),
-            rows_outside_window=int(metadata_value(raw, "rows_outside_window") or 0),
-            unknown_columns=metadata_value(raw, "unknown_columns") or [],
+            source_rows=int(staged.get("source_rows", 0)),
+            rows_outside_window=int(staged.get("rows_outside_window", 0)),
+            unknown_columns=staged.get("unknown_columns", []),
             duplicates_dropped=dupes,
             filtered_out=filtered,
             export_runs=export_runs,
         )
         previous = latest_materialization(instance, manifest_key, partition)
-        previous_paths = {f["path"] for f in (metadata_value(previous, FILES_KEY) or [])}
-        previous_paths |= set(metadata_value(previous, "superseded") or []) - set(metadata_value(previous, "deleted") or [])
-        current_paths = {f.path for f in files}
-        superseded = sorted(previous_paths - current_paths)
+        previous_files = (metadata_value(previous, FILES_KEY) or {}).get(partition, [])
+        previous_superseded = set((metadata_value(previous, "superseded") or {}).get(partition, []))
+        previous_deleted = set((metadata_value(previous, "deleted") or {}).get(partition, []))
+        superseded = sorted(
+            set(superseded_paths(previous_files, files)) | (previous_superseded - previous_deleted - {f.path for f in files})
+        )
         allow_deletes = bool(getattr(job.destination, "allow_deletes", False))
         start, end = day_window(parse_partition(partition))
         return build_manifest(
             sync_job=job.name, sync_id=job.sync_id, app_token=job.app_token, title=job.title,
-            partition=partition, window_from=start, window_to=end, run_id=context.run_id,
+            partition=partition, window_from=start, window_to=end, run_id=run_id,
             settings=job.settings_summary(), source=source, event_types=rows, files=files,
             superseded=superseded, deleted=superseded if allow_deletes else [],
         )
@@ -394,6 +479,32 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
             )
 
         sensors.append(initial_backfill)
+
+    @dg.op(
+        name=f"{job.name}_check_destination_op",
+        description=f"Uploads one small marker object to {job.name!r}'s destination with the sync's own permissions.",
+        tags={SYNC_JOB_TAG: job.name},
+    )
+    def check_destination_op(context: dg.OpExecutionContext) -> dg.Nothing:
+        from userpilot_sync.destination.check import check_destination
+        from userpilot_sync.destination.factory import build_storage
+
+        check_destination_unchanged(context.instance, job, guard.destination_keys)
+        result = check_destination(job, build_storage(job))
+        context.add_output_metadata({"uri": result.uri, "steps": dg.MetadataValue.json(result.steps)})
+        if not result.ok:
+            raise DestinationError(f"sync job {job.name!r}: destination check failed: {result.message}")
+        context.log.info(result.message)
+
+    @dg.job(
+        name=f"{job.name}_check_destination",
+        description=f"Verify {job.name!r}'s destination before the first sync: write one marker object, report what failed.",
+        tags={SYNC_JOB_TAG: job.name},
+    )
+    def check_destination_job():
+        check_destination_op()
+
+    jobs.append(check_destination_job)
 
     return dg.Definitions(
         assets=assets,

@@ -8,8 +8,12 @@ from userpilot_sync.config.model import SyncJob
 from userpilot_sync.destination.storage import LocalStorage, Storage
 
 
-def build_storage(job: SyncJob) -> Storage:
-    """The storage backend of ``job.destination`` (local folder, S3 or GCS)."""
+def build_storage(job: SyncJob, generations: dict[str, int] | None = None) -> Storage:
+    """The storage backend of ``job.destination`` (local folder, S3 or GCS).
+
+    ``generations`` (GCS only): ``{object key: generation}`` recorded for earlier writes, used as
+    upload preconditions; the storage's ``written`` holds the new generations afterwards.
+    """
     dest = job.destination
     if dest.kind == "local":
         return LocalStorage(Path(dest.path))
@@ -20,5 +24,5 @@ def build_storage(job: SyncJob) -> Storage:
     if dest.kind == "gcs":
         from userpilot_sync.destination.gcs import GcsStorage
 
-        return GcsStorage.from_config(job)
+        return GcsStorage.from_config(job, generations=dict(generations or {}))
     raise ValueError(f"sync job {job.name!r}: unknown destination kind {dest.kind!r}")

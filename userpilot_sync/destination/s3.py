@@ -36,7 +36,7 @@ from typing import Any, Callable
 import boto3
 import botocore.exceptions
 from botocore.config import Config
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
 from userpilot_sync.destination.storage import _safe_key
 from userpilot_sync.destination.transport import RetryPolicy, require_https

@@ -1,0 +1,454 @@
+"""Benchmark the exporter against a naive baseline and the floor, plus a 365-day backfill.
+
+    python -m benchmarks.run [--sizes 1000000,5000000] [--backfill-days 365] [--backfill-events 20000]
+                             [--only exporter,naive,floor,backfill_365] [--quick] [--baseline] [--profile]
+
+One process tree, on the same generated source data:
+
+* the day's events are generated once with the demo source into Parquet/zstd chunk files
+  (cached under ``benchmarks/.data/``, git-ignored);
+* a moto S3 server runs in its own child process on a free loopback port;
+* ``exporter`` (``sync_partition`` with a FilesSource -> S3Storage), ``naive`` (pandas +
+  pandera-on-pandas) and ``floor`` (pyarrow read -> write -> put) each run in a child process;
+  peak RSS is that child's ``ru_maxrss`` from ``os.wait4`` (the S3 server is not counted);
+* ``backfill_365``: ``dagster dev`` (webserver + daemon) on a free loopback port with a
+  temporary DAGSTER_HOME (the repo's dagster.yaml); an asset backfill of the demo sync job's
+  365 days ending yesterday is launched over GraphQL (``launchPartitionBackfill``), timed until
+  the backfill completes; peak RSS of the run processes is sampled (VmHWM) with psutil.
+
+Prints a table and writes ``benchmarks/results/latest.json`` (``--baseline``: also
+``baseline.json``). Everything it starts is stopped when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA = HERE / ".data"
+RESULTS = HERE / "results"
+#: The benchmarked day (fixed, so cached chunk files stay valid); runs pass `now` = the next day.
+BENCH_DAY = "2025-06-02"
+SEED = 42
+MB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------- helpers
+def _child(args: list[str], *, profile: Path | None = None, env: dict | None = None) -> tuple[dict, float, int]:
+    """Run ``python -m benchmarks.children <args>``; returns (its JSON line, process wall s, peak RSS kB)."""
+    cmd = [sys.executable, "-m", "benchmarks.children", *args]
+    if profile is not None:
+        spy = Path(sys.executable).parent / "py-spy"
+        cmd = [str(spy), "record", "--format", "speedscope", "--rate", "50", "--subprocesses", "-o", str(profile),
+               "--", *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, env=env or _env())
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child {args[0]} failed with exit code {proc.returncode}")
+    lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]), wall, usage.ru_maxrss
+
+
+def _env() -> dict:
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+               AWS_DEFAULT_REGION="us-east-1", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        env.pop(var, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dataset(events: int) -> tuple[Path, dict]:
+    """The cached chunk files of one day of ``events`` demo events (generated on first use)."""
+    folder = DATA / f"demo-{events}-{BENCH_DAY}-seed{SEED}"
+    info_file = folder / "dataset.json"
+    if info_file.exists():
+        return folder / "chunks", json.loads(info_file.read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"generating {events:,} demo events into {folder.relative_to(REPO)} ...", flush=True)
+    t0 = time.perf_counter()
+    info, _, _ = _child(["generate", json.dumps({"out": str(folder / "chunks"), "events": events, "seed": SEED,
+                                                 "day": BENCH_DAY})])
+    info["generate_s"] = round(time.perf_counter() - t0, 1)
+    info_file.write_text(json.dumps(info, indent=2))
+    return folder / "chunks", info
+
+
+class S3Server:
+    """moto's S3 server in a child process on a free loopback port (stops when we close its stdin)."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.children", "s3server"], cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env())
+        port = int(self.proc.stdout.readline())
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+    def fresh_bucket(self, name: str) -> str:
+        """Reset the server (drops stored objects) and create ``name``."""
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/reset", data=b"", method="POST")
+        urllib.request.urlopen(req, timeout=60).read()
+        from benchmarks.children import _s3_client
+
+        _s3_client(self.endpoint).create_bucket(Bucket=name)
+        return name
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _record(name: str, events: int, wall: float, rss_kb: int, source_bytes: int, **extra) -> dict:
+    rec = {
+        "name": name,
+        "events": events,
+        "wall_s": round(wall, 3),
+        "events_per_s": round(events / wall) if wall else None,
+        "mb_per_s": round(source_bytes / MB / wall, 1) if wall and source_bytes else None,
+        "peak_rss_mb": round(rss_kb / 1024, 1) if rss_kb else None,
+    }
+    rec.update(extra)
+    return rec
+
+
+def bench_export(name: str, events: int, server: S3Server, profile_dir: Path | None) -> dict:
+    folder, info = dataset(events)
+    bucket = server.fresh_bucket(f"bench-{name}")
+    args = {"data": str(folder), "bucket": bucket, "endpoint": server.endpoint, "day": BENCH_DAY}
+    profile = profile_dir / f"profile-{name}-{events}.speedscope.json" if profile_dir else None
+    print(f"  {name:<9} N={events:>9,} ...", end="", flush=True)
+    out, process_wall, rss_kb = _child([name, json.dumps(args)], profile=profile)
+    if out.get("rows") is not None and name != "exporter" and out["rows"] != events:
+        raise RuntimeError(f"{name} exported {out['rows']} rows of {events}")
+    rec = _record(name, events, out["wall_s"], rss_kb if profile is None else out["maxrss_kb"], info["arrow_bytes"],
+                  process_wall_s=round(process_wall, 2), output_bytes=out.get("output_bytes"),
+                  files=out.get("files"), rows_exported=out.get("rows"), source_mb=round(info["arrow_bytes"] / MB, 1))
+    if profile:
+        rec["profile"] = str(profile.relative_to(REPO))
+    print(f" {rec['wall_s']:8.2f} s  {rec['events_per_s']:>10,} ev/s  {rec['peak_rss_mb']:>8} MB", flush=True)
+    return rec
+
+
+# ------------------------------------------------------------------------------- backfill
+def _gql(url: str, query: str, variables: dict | None = None) -> dict:
+    import httpx
+
+    response = httpx.post(url, json={"query": query, "variables": variables or {}}, timeout=60)
+    response.raise_for_status()
+    body = response.json()
+    if "errors" in body:
+        raise RuntimeError(f"GraphQL error: {body['errors']}")
+    return body["data"]
+
+
+class _TreeSampler(threading.Thread):
+    """Samples the process tree under ``pid``: peak RSS (VmHWM) of run workers and of the whole tree."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.run_hwm_kb: dict[int, int] = {}
+        self.tree_rss_kb = 0
+
+    @staticmethod
+    def _hwm_kb(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop_event.is_set():
+            try:
+                procs = psutil.Process(self.pid).children(recursive=True)
+            except psutil.Error:
+                break
+            total = 0
+            for p in procs:
+                try:
+                    cmd = " ".join(p.cmdline())
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    continue
+                if "execute_run" in cmd or "execute_step" in cmd:
+                    hwm = self._hwm_kb(p.pid)
+                    self.run_hwm_kb[p.pid] = max(hwm, self.run_hwm_kb.get(p.pid, 0))
+            self.tree_rss_kb = max(self.tree_rss_kb, total // 1024)
+            self.stop_event.wait(self.interval)
+
+
+def bench_backfill(days: int, events_per_day: int, days_per_run: int | None, keep: bool = False) -> dict:
+    """An asset backfill of ``days`` days ending yesterday through ``dagster dev``, timed to completion."""
+    root = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
+    home, jobs, exports = root / "dagster_home", root / "sync_jobs", root / "exports"
+    for d in (home, jobs, exports):
+        d.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    today = datetime.now(timezone.utc).date()
+    first, last = today - timedelta(days=days), today - timedelta(days=1)
+    per_run = f"backfill_days_per_run: {days_per_run}\n" if days_per_run else ""
+    (jobs / "bench.yaml").write_text(
+        "name: bench\nsync_id: \"90002\"\napp_token: NX-bench0002\n"
+        f"source: {{kind: demo, events_per_day: {events_per_day}, seed: {SEED}}}\n"
+        f"destination: {{kind: local, path: {json.dumps(str(exports))}, prefix: userpilot_events}}\n"
+        "formats: [{format: parquet, compression: zstd}]\n"
+        f"partitions_start: {today - timedelta(days=400)}\n"
+        f"{per_run}schedules_running: false\nbackfill_days: 0\n"
+    )
+    port = _free_port()
+    env = dict(_env(), DAGSTER_HOME=str(home), USERPILOT_SYNC_JOBS_DIR=str(jobs),
+               USERPILOT_SYNC_STAGING_DIR=str(root / "staging"))
+    log = open(root / "dagster_dev.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/graphql"
+    sampler = _TreeSampler(proc.pid)
+    print(f"  backfill  {days} days x {events_per_day:,} events (dagster dev on 127.0.0.1:{port}) ...", end="", flush=True)
+    try:
+        deadline = time.monotonic() + 240
+        location = None
+        while location is None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dagster dev exited: {(root / 'dagster_dev.log').read_text()[-3000:]}")
+            try:
+                data = _gql(url, "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }")
+                entries = data["workspaceOrError"]["locationEntries"]
+                if entries and entries[0]["loadStatus"] == "LOADED":
+                    location = entries[0]["name"]
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the code location did not load within 240 s")
+            time.sleep(1)
+        nodes = _gql(url, "{ assetNodes { assetKey { path } isPartitioned } }")["assetNodes"]
+        selection = [{"path": n["assetKey"]["path"]} for n in nodes
+                     if n["isPartitioned"] and n["assetKey"]["path"][0] == "bench"]
+        keys = [(first + timedelta(days=i)).isoformat() for i in range(days)]
+        sampler.start()
+        t0 = time.perf_counter()
+        launched = _gql(
+            url,
+            """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+                 __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message }
+                 ... on InvalidSubsetError { message } ... on UnauthorizedError { message } } }""",
+            {"p": {"partitionNames": keys, "assetSelection": selection}},
+        )["launchPartitionBackfill"]
+        if launched["__typename"] != "LaunchBackfillSuccess":
+            raise RuntimeError(f"launchPartitionBackfill failed: {launched}")
+        backfill_id = launched["backfillId"]
+        status = None
+        while True:
+            status = _gql(url, """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+                                    ... on PartitionBackfill { status } } }""",
+                          {"id": backfill_id})["partitionBackfillOrError"]["status"]
+            if status not in ("REQUESTED", "CANCELING"):
+                break
+            if time.perf_counter() - t0 > 3600:
+                raise TimeoutError("the backfill did not finish within an hour")
+            time.sleep(1)
+        wall = time.perf_counter() - t0
+        runs = _gql(url, """query($t: [ExecutionTag!]) { runsOrError(filter: {tags: $t}) {
+                              ... on Runs { results { runId status startTime endTime } } } }""",
+                    {"t": [{"key": "dagster/backfill", "value": backfill_id}]})["runsOrError"]["results"]
+        sampler.stop_event.set()
+        sampler.join(5)
+        manifests = list(exports.rglob("_manifest.json"))
+        exported = sum(sum(json.loads(m.read_text())["event_types"].values()) for m in manifests)
+        run_walls = [r["endTime"] - r["startTime"] for r in runs if r["endTime"] and r["startTime"]]
+        rec = _record(
+            "backfill_365", exported, wall, max(sampler.run_hwm_kb.values(), default=0), 0,
+            days=days, events_per_day=events_per_day, backfill_status=status,
+            backfill_days_per_run=days_per_run or 31, runs=len(runs),
+            runs_succeeded=sum(r["status"] == "SUCCESS" for r in runs), manifests=len(manifests),
+            run_wall_s_max=round(max(run_walls, default=0), 1), run_wall_s_sum=round(sum(run_walls), 1),
+            dagster_tree_peak_rss_mb=round(sampler.tree_rss_kb / 1024, 1),
+            peak_rss_note="max VmHWM of the run worker processes (sampled every 0.5 s)",
+        )
+        print(f" {status}: {wall:8.1f} s, {len(runs)} runs, {len(manifests)} manifests, "
+              f"run peak {rec['peak_rss_mb']} MB", flush=True)
+        return rec
+    finally:
+        sampler.stop_event.set()
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.close()
+        if keep:
+            print(f"  (kept {root})")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- report
+def machine() -> dict:
+    import importlib.metadata as md
+
+    mem_kb = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            mem_kb = int(fh.readline().split()[1])
+    except OSError:
+        pass
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("polars", "pyarrow", "pandas", "pandera", "dagster", "boto3", "moto"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 1024 / 1024, 1),
+            "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+
+
+def targets(records: list[dict]) -> list[str]:
+    """The issue's targets, evaluated on this run's records."""
+    by = {(r["name"], r["events"]): r for r in records if r["name"] != "backfill_365"}
+    sizes = sorted({e for (n, e) in by if n == "exporter"})
+    lines = []
+    if sizes:
+        big, small = sizes[-1], sizes[0]
+        ex = by.get(("exporter", big))
+        nv, fl = by.get(("naive", big)), by.get(("floor", big))
+        if ex and nv:
+            ratio = ex["events_per_s"] / nv["events_per_s"]
+            lines.append(f"exporter/naive events/s at N={big:,}: {ratio:.2f}x (target >= 3x) {'OK' if ratio >= 3 else 'MISSED'}")
+        if ex and fl:
+            ratio = ex["events_per_s"] / fl["events_per_s"]
+            lines.append(f"exporter/floor events/s at N={big:,}: {ratio:.2f}x (target >= 0.4x) {'OK' if ratio >= 0.4 else 'MISSED'}")
+        if ex:
+            ok = ex["peak_rss_mb"] <= 800
+            lines.append(f"exporter peak RSS at N={big:,}: {ex['peak_rss_mb']} MB (target <= 800 MB) {'OK' if ok else 'MISSED'}")
+        if ex and small != big and ("exporter", small) in by:
+            ratio = ex["peak_rss_mb"] / by[("exporter", small)]["peak_rss_mb"]
+            lines.append(f"exporter peak RSS N={big:,} / N={small:,}: {ratio:.2f}x (target <= 1.3x) {'OK' if ratio <= 1.3 else 'MISSED'}")
+    for r in records:
+        if r["name"] == "backfill_365":
+            ok = r["wall_s"] <= 600 and r["backfill_status"] in ("COMPLETED", "COMPLETED_SUCCESS")
+            lines.append(f"backfill {r['days']} days x {r['events_per_day']:,}: {r['wall_s']:.0f} s wall, status "
+                         f"{r['backfill_status']} (target <= 600 s) {'OK' if ok else 'MISSED'}")
+    return lines
+
+
+def table(records: list[dict]) -> str:
+    head = f"{'name':<13} {'events':>11} {'wall_s':>9} {'events/s':>11} {'MB/s':>8} {'peak_rss_mb':>12}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        lines.append(f"{r['name']:<13} {r['events']:>11,} {r['wall_s']:>9.2f} {r['events_per_s'] or 0:>11,} "
+                     f"{r['mb_per_s'] if r['mb_per_s'] is not None else '-':>8} {r['peak_rss_mb'] or '-':>12}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000000,5000000", help="events per day to export (comma-separated)")
+    parser.add_argument("--backfill-days", type=int, default=365)
+    parser.add_argument("--backfill-events", type=int, default=20000, help="events per day in the backfill")
+    parser.add_argument("--backfill-days-per-run", type=int, default=None,
+                        help="override the sync job's backfill_days_per_run (default: the model default, 31)")
+    parser.add_argument("--only", default="exporter,naive,floor,backfill_365",
+                        help="comma-separated subset of exporter,naive,floor,backfill_365")
+    parser.add_argument("--quick", action="store_true",
+                        help="small run: sizes 100000,500000, backfill 31 days x 5,000 events")
+    parser.add_argument("--baseline", action="store_true", help="also write benchmarks/results/baseline.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="run the exporter under py-spy (speedscope files in benchmarks/results/); "
+                             "RSS then comes from the child's own getrusage")
+    parser.add_argument("--keep-backfill", action="store_true", help="keep the backfill's temporary folder")
+    parser.add_argument("--out", default=str(RESULTS / "latest.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.backfill_days, args.backfill_events = "100000,500000", 31, 5000
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    only = set(args.only.split(","))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(f"machine: {info['cpus']} cpu ({info['cpu']}), {info['ram_gib']} GiB, Python {info['python']}, "
+          + ", ".join(f"{k} {v}" for k, v in info["versions"].items()), flush=True)
+    records: list[dict] = []
+    started = time.perf_counter()
+    contenders = [n for n in ("exporter", "naive", "floor") if n in only]
+    if contenders and sizes:
+        for n in sizes:
+            dataset(n)
+        server = S3Server()
+        try:
+            for n in sizes:
+                for name in contenders:
+                    profile_dir = RESULTS if (args.profile and name == "exporter") else None
+                    records.append(bench_export(name, n, server, profile_dir))
+        finally:
+            server.close()
+    if "backfill_365" in only and args.backfill_days > 0:
+        records.append(bench_backfill(args.backfill_days, args.backfill_events, args.backfill_days_per_run,
+                                      keep=args.keep_backfill))
+    print()
+    print(table(records))
+    print()
+    for line in targets(records):
+        print(line)
+    doc = records
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    meta = {"machine": info, "bench_day": BENCH_DAY, "seed": SEED, "total_s": round(time.perf_counter() - started, 1),
+            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "targets": targets(records)}
+    out.with_name(out.stem + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if args.baseline:
+        (RESULTS / "baseline.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (RESULTS / "baseline.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out} ({time.perf_counter() - started:.0f} s total)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
