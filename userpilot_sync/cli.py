@@ -24,10 +24,14 @@ from userpilot_sync.destination.writer import layout_for
 from userpilot_sync.partitions import last_complete_days
 
 
+#: Console logging of runs started here: warnings and errors only (the UI shows every event).
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 def _tree(root: Path, limit: int = 60) -> list[str]:
     lines = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        lines.append(f"  {path.relative_to(root).as_posix():<90} {path.stat().st_size:>10,d} bytes")
+        lines.append(f"  {path.relative_to(root).as_posix():<48} {path.stat().st_size:>10,d} bytes")
     if len(lines) > limit:
         lines = lines[: limit // 2] + [f"  ... {len(lines) - limit} more ..."] + lines[-limit // 2 :]
     return lines
@@ -72,12 +76,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
             tags = dict(run_tags(job, label))
             if first == last:
                 result = job_def.execute_in_process(
-                    partition_key=first.isoformat(), instance=instance, tags=tags, raise_on_error=False
+                    partition_key=first.isoformat(), instance=instance, tags=tags, raise_on_error=False,
+                    run_config=QUIET,
                 )
             else:
                 tags.update({"dagster/asset_partition_range_start": first.isoformat(),
                              "dagster/asset_partition_range_end": last.isoformat()})
-                result = job_def.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+                result = job_def.execute_in_process(instance=instance, tags=tags, raise_on_error=False, run_config=QUIET)
             status = "ok" if result.success else "FAILED"
             print(f"sync job {job.name}: partition {label} {status} (run {result.run_id})", flush=True)
             if not result.success:
@@ -87,7 +92,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if job.source.kind in ("demo", "export_api") and not failed:
         with dg.DagsterInstance.get() as instance:
             result = defs.resolve_job_def(f"{job.name}_definitions_refresh").execute_in_process(
-                instance=instance, raise_on_error=False
+                instance=instance, raise_on_error=False, run_config=QUIET
             )
         print(f"sync job {job.name}: definitions {'ok' if result.success else 'FAILED'} (run {result.run_id})")
         if not result.success:

@@ -96,7 +96,12 @@ class _Guard:
         if dest.kind == "gcs" and dest.overwrite == "refuse":
             for pk in partitions:
                 for key in self.destination_keys:
-                    if key.path[-1] != "definitions" and latest_materialization(context.instance, key, pk):
+                    if key.path[-1] == "definitions":
+                        continue
+                    records = context.instance.fetch_materializations(
+                        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[pk]), limit=1
+                    ).records
+                    if records and records[0].run_id != context.run_id:  # written by an earlier run
                         raise DestinationError(
                             f"sync job {job.name!r}, partition {pk}: this partition was exported before and "
                             f"destination.overwrite is 'refuse' (a roles/storage.objectCreator credential cannot "

@@ -7,7 +7,7 @@ Formats (the sync job's ``formats``):
 * ``ndjson`` — one JSON object per line, gzip or none; ``inserted_at`` as ISO-8601 text with
   six fractional digits and ``Z``; ``metadata`` as a JSON object (or null).
 * ``csv`` — header line, gzip or none; ``inserted_at`` as in ndjson; ``metadata`` as JSON
-  text; null written as an empty field (CSV cannot tell null from ``""``).
+  text; null and ``""`` are one value, both written as an empty unquoted field.
 * ``avro`` — deflate, snappy or none (fastavro); nullable columns as ``["null", T]``;
   ``inserted_at`` as ``timestamp-micros``; ``metadata`` as JSON text.
 
@@ -166,7 +166,14 @@ class _PartWriter:
             self._stream.write(ndjson_lines(table))
         elif fmt == "csv":
             buf = io.BytesIO()
-            _text_frame(table).write_csv(buf, include_header=not self._header_written, null_value="")
+            frame = _text_frame(table)
+            # null and "" are one value in CSV: both are written as an empty, unquoted field (polars
+            # would quote "" as `""`, which some warehouses load as "" and others as null).
+            frame = frame.with_columns(
+                pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c)
+                for c, t in frame.schema.items() if t == pl.String
+            )
+            frame.write_csv(buf, include_header=not self._header_written, null_value="")
             self._header_written = True
             self._stream.write(buf.getvalue())
         else:
