@@ -163,3 +163,42 @@ def test_definitions_asset_writes_demo_lookups(tmp_path):
     assert {f["id"] for f in flows} == {"448", "449", "450"}
     features = pq.read_table(folder / "features_events.parquet").to_pylist()
     assert {"1201", "1206"} <= {f["id"] for f in features}
+
+
+def test_empty_day_after_a_non_empty_one_is_a_warning(tmp_path):
+    import polars as pl
+
+    from userpilot_sync.partitions import day_window
+    from userpilot_sync.source.demo import DemoSource
+
+    first, second = last_complete_days(2)
+    folder = tmp_path / "chunks"
+    folder.mkdir()
+    start, end = day_window(first)
+    pl.concat([pl.from_arrow(t) for t in DemoSource("NX-demo0001", 300, 1).iter_blocks(start, end)]).write_parquet(
+        folder / "export-part1.parquet"
+    )
+    job = make_job(tmp_path, source={"kind": "files", "path": str(folder)})
+    defs = build_definitions([job], tmp_path / "staging")
+    with dg.instance_for_test() as instance:
+        assert _run(defs, instance, pk=first.isoformat()).success
+        result = _run(defs, instance, pk=second.isoformat())
+        assert result.success  # an empty day is exported, not an error ...
+        check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "not_unexpectedly_empty")
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN  # ... but it is reported
+        assert check.metadata["empty_days_after_non_empty"].value == {second.isoformat(): 300}
+    manifest = json.loads(
+        (Path(job.destination.path) / "userpilot_events" / job.sync_folder / second.isoformat() / "_manifest.json").read_text()
+    )
+    assert manifest["source"]["source_rows"] == 0 and len(manifest["files"]) == 7
+    assert all(f["rows"] == 0 for f in manifest["files"])
+
+
+def test_dg_check_defs_passes():
+    import subprocess
+    import sys
+
+    dg_cli = Path(sys.executable).parent / "dg"
+    out = subprocess.run([str(dg_cli), "check", "defs"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "All definitions loaded successfully" in out.stdout + out.stderr

@@ -1,0 +1,46 @@
+"""A sync job on the Export API (emulator) through Dagster: same files as the demo, key never leaks."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+
+from userpilot_sync.cli import failure_messages
+from userpilot_sync.defs.project import build_definitions
+from userpilot_sync.partitions import last_complete_days
+from userpilot_sync_tests.fixtures_api import API_KEY, EVENTS_PER_DAY, SEED, make_api_job, read_manifest
+from userpilot_sync_tests.fixtures_core import make_job
+
+pytestmark = pytest.mark.integration
+PK = last_complete_days(1)[0].isoformat()
+
+
+def test_export_api_job_through_dagster(tmp_path, emulator, api_key_env):
+    job = make_api_job(tmp_path, emulator)
+    defs = build_definitions([job], tmp_path / "staging")
+    assert defs.resolve_assets_def(dg.AssetKey(["demo", "raw_events"])).op.pool == job.pool
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("demo_sync").execute_in_process(partition_key=PK, instance=instance, raise_on_error=False)
+        assert result.success, failure_messages(result)
+        lookups = defs.resolve_job_def("demo_definitions_refresh").execute_in_process(instance=instance)
+        assert lookups.success
+        # the API key appears nowhere in the instance: event logs, metadata, run config and tags
+        for run_id in (result.run_id, lookups.run_id):
+            for entry in instance.all_logs(run_id):
+                assert API_KEY not in json.dumps(dg.serialize_value(entry))
+            run = instance.get_run_by_id(run_id)
+            assert API_KEY not in json.dumps(run.run_config) and API_KEY not in json.dumps(run.tags)
+        raw = instance.fetch_materializations(dg.AssetKey(["demo", "raw_events"]), limit=1).records[0]
+        facts = raw.asset_materialization.metadata["userpilot/staged"].value[PK]["source"]
+        assert facts["export_job_ids"] or facts.get("export_job_id")
+    api_manifest = read_manifest(job, PK)
+    assert API_KEY not in json.dumps(api_manifest)
+
+    demo = make_job(tmp_path / "demo", source={"kind": "demo", "events_per_day": EVENTS_PER_DAY, "seed": SEED},
+                    app_token=job.app_token)
+    with dg.instance_for_test() as instance:
+        assert build_definitions([demo], tmp_path / "staging-demo").resolve_job_def("demo_sync").execute_in_process(
+            partition_key=PK, instance=instance).success
+    assert read_manifest(demo, PK)["files"] == api_manifest["files"]
