@@ -220,7 +220,7 @@ def bench_backfill(days: int, events_per_day: int, days_per_run: int | None, kee
     home, jobs, exports = root / "dagster_home", root / "sync_jobs", root / "exports"
     for d in (home, jobs, exports):
         d.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
     today = datetime.now(timezone.utc).date()
     first, last = today - timedelta(days=days), today - timedelta(days=1)
     per_run = f"backfill_days_per_run: {days_per_run}\n" if days_per_run else ""

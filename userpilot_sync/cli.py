@@ -21,11 +21,12 @@ from userpilot_sync.config.loader import load_sync_jobs
 from userpilot_sync.defs.project import build_definitions
 from userpilot_sync.defs.sync_job import run_tags
 from userpilot_sync.destination.writer import layout_for
-from userpilot_sync.partitions import last_complete_days
+from userpilot_sync.errors import UserpilotSyncError, WindowError
+from userpilot_sync.partitions import check_in_window, last_complete_days, parse_partition
 
 
 #: Console logging of runs started here: warnings and errors only (the UI shows every event).
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 def _tree(root: Path, limit: int = 60) -> list[str]:
@@ -35,6 +36,36 @@ def _tree(root: Path, limit: int = 60) -> list[str]:
     if len(lines) > limit:
         lines = lines[: limit // 2] + [f"  ... {len(lines) - limit} more ..."] + lines[-limit // 2 :]
     return lines
+
+
+def _ranges(job, args) -> list[tuple[date, date]]:
+    """(first, last) day of each run to launch; raises ValueError/WindowError for bad days."""
+    if args.range_from:
+        # Backfill: runs of up to backfill_days_per_run days, each one extraction split by day,
+        # exactly what an asset backfill launches (without needing the daemon).
+        start = parse_partition(args.range_from)
+        end = parse_partition(args.range_to or args.range_from)
+        if end < start:
+            raise ValueError(f"--to {end.isoformat()} is before --from {start.isoformat()}")
+        days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
+        step = job.backfill_days_per_run
+        ranges = [(days[i], days[min(i + step, len(days)) - 1]) for i in range(0, len(days), step)]
+    else:
+        if args.days < 1 and not args.partition:
+            raise ValueError("--days must be at least 1")
+        keys = args.partition or [d.isoformat() for d in last_complete_days(args.days)]
+        ranges = [(parse_partition(k), parse_partition(k)) for k in keys]
+    for first, last in ranges:
+        if first < job.partitions_start:
+            raise ValueError(
+                f"sync job {job.name!r}: partition {first.isoformat()} is before partitions_start "
+                f"{job.partitions_start.isoformat()}"
+            )
+        if first == last:
+            check_in_window(job.name, first)  # single days: refuse up front with the window message
+        else:
+            check_in_window(job.name, last)  # a range may start before the window (those days are refused)
+    return ranges
 
 
 def failure_messages(result) -> list[str]:
@@ -51,25 +82,24 @@ def failure_messages(result) -> list[str]:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    jobs = load_sync_jobs()
+    try:
+        jobs = load_sync_jobs()
+    except UserpilotSyncError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     by_name = {j.name: j for j in jobs}
     if args.job not in by_name:
         print(f"unknown sync job {args.job!r}; configured: {', '.join(sorted(by_name)) or 'none'}", file=sys.stderr)
         return 2
     job = by_name[args.job]
+    try:
+        ranges = _ranges(job, args)
+    except (ValueError, WindowError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
     defs = build_definitions(jobs)
     job_def = defs.resolve_job_def(f"{job.name}_sync")
     failed = []
-    if args.range_from:
-        # Backfill: runs of up to backfill_days_per_run days, each one extraction split by day,
-        # exactly what an asset backfill launches (without needing the daemon).
-        start, end = date.fromisoformat(args.range_from), date.fromisoformat(args.range_to or args.range_from)
-        days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
-        step = job.backfill_days_per_run
-        ranges = [(days[i], days[min(i + step, len(days)) - 1]) for i in range(0, len(days), step)]
-    else:
-        keys = args.partition or [d.isoformat() for d in last_complete_days(args.days)]
-        ranges = [(date.fromisoformat(k), date.fromisoformat(k)) for k in keys]
     with dg.DagsterInstance.get() as instance:
         for first, last in ranges:
             label = first.isoformat() if first == last else f"{first.isoformat()}...{last.isoformat()}"
@@ -102,6 +132,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"\nExported files under {root}:")
         print("\n".join(_tree(root)) if root.exists() else "  (none)")
         manifests = sorted(root.rglob("_manifest.json"))
+        ran = {(f + timedelta(days=i)).isoformat() for f, l in ranges for i in range((l - f).days + 1)}
+        manifests = [m for m in manifests if json.loads(m.read_text())["partition"] in ran] or manifests
         if manifests:
             newest = max(manifests, key=lambda p: json.loads(p.read_text())["partition"])
             doc = json.loads(newest.read_text())

@@ -10,7 +10,7 @@ For each hour bucket of the event type, in hour order:
 5. sort stably by (``inserted_at``, ``internal_event_id``);
 6. validate with the event type's pandera schema (data level, eager frame), in groups of
    consecutive buckets of about ``VALIDATION_ROWS`` rows (one pandera call per group);
-7. write each group to ``prepared/<event_type>/<NNNNN>.parquet``.
+7. write each group to ``prepared/<event_type>/<NNNNN>.arrow`` (Arrow IPC, like staging).
 
 Buckets are processed one at a time (memory ~ one group of ``VALIDATION_ROWS`` rows plus one hour bucket), and since buckets
 are written in hour order the export is globally ordered and de-duplicated. The result, a
@@ -20,6 +20,7 @@ out; nothing reaches the destination unless every bucket validated.
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import shutil
@@ -30,14 +31,13 @@ from typing import Iterator
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from userpilot_sync.config.model import Filters, SyncJob
 from userpilot_sync.errors import ValidationError
 from userpilot_sync.partitions import day_window, parse_partition
 from userpilot_sync.schema.events import KNOWN_INTERACTION_STATUSES, KNOWN_SOURCES, export_arrow_schema
 from userpilot_sync.schema.validation import validate_export_frame
-from userpilot_sync.staging import StagedDay
+from userpilot_sync.staging import STAGED_SUFFIX, IpcFileWriter, StagedDay, read_ipc_files
 
 PREPARED_RECORD = "prepared.json"
 SORT_KEY = ("inserted_at", "internal_event_id")
@@ -49,7 +49,7 @@ VALIDATION_ROWS = 200_000
 class PreparedExport:
     """A validated, de-duplicated, ordered export waiting to be written to the destination.
 
-    ``files`` are Parquet files (in order) whose rows, concatenated, are the export; their
+    ``files`` are Arrow IPC files (in order) whose rows, concatenated, are the export; their
     columns are exactly :func:`~userpilot_sync.schema.events.export_arrow_schema`.
     """
 
@@ -75,8 +75,13 @@ class PreparedExport:
         """Stream the export's rows in order, as record batches of the export schema."""
         schema = self.arrow_schema
         for path in self.files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-                yield batch.cast(schema) if batch.schema != schema else batch
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                if batch.schema != schema:
+                    batch = batch.cast(schema)
+                for offset in range(0, batch.num_rows, batch_rows):
+                    yield batch.slice(offset, batch_rows)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -137,6 +142,13 @@ def _add_interaction_columns(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def _read_bucket(pattern: str) -> pl.DataFrame:
+    """One staged hour bucket (a glob of its IPC files, read in name order) as a frame."""
+    frame = pl.from_arrow(read_ipc_files(sorted(glob.glob(pattern))))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
 def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Path) -> PreparedExport:
     """Filter, de-duplicate, order and validate one event type of a staged partition.
 
@@ -186,13 +198,17 @@ def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Pa
             for value, n in frame.get_column("entity_type").value_counts().iter_rows():
                 entities[value] += n
         if frame.height:
-            path = out_dir / f"{len(files):05d}.parquet"
-            pq.write_table(frame.to_arrow().cast(schema), path, compression="lz4")
+            path = out_dir / f"{len(files):05d}{STAGED_SUFFIX}"
+            writer = IpcFileWriter(path, schema)
+            try:
+                writer.write_table(frame.to_arrow().cast(schema))
+            finally:
+                writer.close()
             files.append(str(path))
             rows += frame.height
 
     for bucket in staged.bucket_files(event_type):
-        frame = pl.read_parquet(bucket)
+        frame = _read_bucket(bucket)
         staged_rows += frame.height
         if predicate is not None:
             kept = frame.filter(predicate)
@@ -200,10 +216,15 @@ def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Pa
             frame = kept
         if event_type == "interaction":
             frame = _add_interaction_columns(frame)
-        before = frame.height
-        frame = frame.unique(maintain_order=True)
-        dupes += before - frame.height
-        clash = frame.filter(pl.col("internal_event_id").is_duplicated())
+        # Fast path: ids all distinct -> no exact duplicates and no conflicting ids, nothing to
+        # drop (hashing one column instead of every column of every row).
+        if frame.get_column("internal_event_id").is_duplicated().any():
+            before = frame.height
+            frame = frame.unique(maintain_order=True)
+            dupes += before - frame.height
+            clash = frame.filter(pl.col("internal_event_id").is_duplicated())
+        else:
+            clash = frame.clear()
         if clash.height:
             ids = clash.get_column("internal_event_id").unique(maintain_order=True).head(5).to_list()
             raise ValidationError(

@@ -2,12 +2,16 @@
 
 Layout of one staged partition (``<root>/<sync_job>/<YYYY-MM-DD>/``)::
 
-    raw/<event_type>/<HH>/<NNNNN>.parquet   events of that type whose inserted_at falls in hour HH (UTC)
+    raw/<event_type>/<HH>/<NNNNN>.arrow     events of that type whose inserted_at falls in hour HH (UTC)
     staged.json                             the StagedDay record (counts, unknown columns, source facts)
+
+Staged buckets are Arrow IPC files (LZ4-compressed buffers): they live only until the export is
+written, and IPC costs a fraction of Parquet's encoding to write and is read back without decoding
+(see docs/performance.md).
 
 Batches from the source are normalised (``source/normalize.py``), excluded columns are dropped
 before anything touches disk, rows outside the requested window are counted and skipped, and
-every row is appended to the Parquet writer of its (day, event type, hour) bucket. At most
+every row is appended to the IPC writer of its (day, event type, hour) bucket. At most
 ``MAX_OPEN_WRITERS`` writers are open at once (least recently used are closed; a bucket that is
 written again gets another file), so a range of many days stages with bounded memory and file
 handles. Memory holds one source batch at a time plus the writers' buffers; never a whole day.
@@ -26,23 +30,59 @@ import shutil
 import uuid
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from userpilot_sync.errors import SourceError, ValidationError
 from userpilot_sync.partitions import day_window
 from userpilot_sync.schema.events import EVENT_TYPES, staged_arrow_schema
-from userpilot_sync.source.base import Extraction
-from userpilot_sync.source.normalize import normalize_arrow
+from userpilot_sync.source.base import Extraction, SourceBatch
+from userpilot_sync.source.normalize import NormalizeReport, normalize_arrow
 
 STAGED_RECORD = "staged.json"
-_STAGING_COMPRESSION = "lz4"
+#: Compression of staged and prepared Arrow IPC files (internal to staging; never exported).
+STAGED_COMPRESSION = "lz4"
+#: File suffix of staged buckets and prepared exports (Arrow IPC file format).
+STAGED_SUFFIX = ".arrow"
 MAX_OPEN_WRITERS = 128
+#: Consecutive small source batches (e.g. the demo source's 15-minute blocks) are staged together
+#: up to this many rows: normalising and bucketing cost a lot per batch, little per row.
+COALESCE_ROWS = 65_536
+
+
+def ipc_write_options() -> pa.ipc.IpcWriteOptions:
+    """Options of every staged/prepared Arrow IPC file."""
+    return pa.ipc.IpcWriteOptions(compression=STAGED_COMPRESSION)
+
+
+class IpcFileWriter:
+    """An Arrow IPC file writer that owns its output file (closed together)."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self._sink = pa.OSFile(str(path), "wb")
+        try:
+            self._writer = pa.ipc.new_file(self._sink, schema, options=ipc_write_options())
+        except BaseException:
+            self._sink.close()
+            raise
+
+    def write_table(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self._sink.close()
+
+
+def read_ipc_files(paths: Iterable[str | Path]) -> pa.Table:
+    """The rows of staged/prepared IPC files, concatenated in the given order."""
+    return pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in paths])
 
 
 @dataclass
@@ -76,10 +116,15 @@ class StagedDay:
         folder = self.root / "raw" / event_type
         if not folder.is_dir():
             return []
-        return [str(hour / "*.parquet") for hour in sorted(folder.iterdir()) if hour.is_dir() and any(hour.glob("*.parquet"))]
+        return [str(hour / f"*{STAGED_SUFFIX}") for hour in sorted(folder.iterdir())
+                if hour.is_dir() and any(hour.glob(f"*{STAGED_SUFFIX}"))]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def save(self) -> None:
+        """Rewrite this day's staged.json (e.g. after marking it failed)."""
+        (self.root / STAGED_RECORD).write_text(self.to_json())
 
     @classmethod
     def load(cls, folder: Path) -> "StagedDay":
@@ -94,12 +139,12 @@ def partition_dir(root: Path, sync_job: str, partition: str) -> Path:
 
 
 class _BucketWriters:
-    """Parquet writers per (day, event type, hour) bucket; at most MAX_OPEN_WRITERS open."""
+    """IPC file writers per (day, event type, hour) bucket; at most MAX_OPEN_WRITERS open."""
 
     def __init__(self, tmp_root: Path, schema: pa.Schema):
         self.tmp_root = tmp_root
         self.schema = schema
-        self.writers: OrderedDict[tuple[date, str, int], pq.ParquetWriter] = OrderedDict()
+        self.writers: OrderedDict[tuple[date, str, int], IpcFileWriter] = OrderedDict()
         self.sequence: Counter = Counter()
 
     def write(self, day: date, event_type: str, hour: int, table: pa.Table) -> None:
@@ -111,9 +156,9 @@ class _BucketWriters:
                 oldest.close()
             folder = self.tmp_root / day.isoformat() / "raw" / event_type / f"{hour:02d}"
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{self.sequence[key]:05d}.parquet"
+            path = folder / f"{self.sequence[key]:05d}{STAGED_SUFFIX}"
             self.sequence[key] += 1
-            writer = pq.ParquetWriter(path, self.schema, compression=_STAGING_COMPRESSION)
+            writer = IpcFileWriter(path, self.schema)
             self.writers[key] = writer
         else:
             self.writers.move_to_end(key)
@@ -123,6 +168,33 @@ class _BucketWriters:
         for writer in self.writers.values():
             writer.close()
         self.writers.clear()
+
+
+def _coalesced(batches: Iterable[SourceBatch]) -> Iterator[list[SourceBatch]]:
+    """Consecutive non-empty batches with one schema, grouped up to ``COALESCE_ROWS`` rows."""
+    group: list[SourceBatch] = []
+    rows = 0
+    for batch in batches:
+        n = batch.data.num_rows
+        if n == 0:
+            continue
+        if group and (rows + n > COALESCE_ROWS or not batch.data.schema.equals(group[0].data.schema, check_metadata=True)):
+            yield group
+            group, rows = [], 0
+        group.append(batch)
+        rows += n
+    if group:
+        yield group
+
+
+def _concat(group: list[SourceBatch]) -> pa.Table:
+    return pa.concat_tables(
+        [b.data if isinstance(b.data, pa.Table) else pa.Table.from_batches([b.data]) for b in group]
+    )
+
+
+def _large_strings(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([f.with_type(pa.large_string()) if f.type == pa.string() else f for f in schema])
 
 
 def stage_days(
@@ -151,7 +223,8 @@ def stage_days(
     root = Path(root)
     tmp_root = root / sync_job / f".staging-{uuid.uuid4().hex}"
     tmp_root.mkdir(parents=True, exist_ok=True)
-    writers = _BucketWriters(tmp_root, schema)
+    # Staged files keep polars' large_string (no cast per batch); read back they are the same frame.
+    writers = _BucketWriters(tmp_root, _large_strings(schema))
     received: Counter = Counter()
     by_type: dict[str, Counter] = {d: Counter() for d in wanted}
     outside = 0
@@ -159,51 +232,70 @@ def stage_days(
     computed_ids = 0
     errors: dict[str, str] = {}
     label = days[0].isoformat() if len(days) == 1 else f"{days[0].isoformat()}..{days[-1].isoformat()}"
-    try:
-        for batch in extraction.batches:
-            if batch.data.num_rows == 0:
-                continue
-            try:
-                frame, report = normalize_arrow(batch.data, where=f"sync job {sync_job!r}, partition {label}, {batch.where}")
-            except SourceError:
-                raise
-            except Exception as exc:  # polars/arrow errors on odd input
-                raise SourceError(
-                    f"sync job {sync_job!r}, partition {label}, {batch.where}: cannot read records ({exc})"
-                ) from None
-            unknown_columns |= report.unknown_columns
-            computed_ids += report.computed_ids
-            in_window = (pl.col("inserted_at") >= window_start) & (pl.col("inserted_at") < window_end)
-            n_before = frame.height
+    in_window = (pl.col("inserted_at") >= window_start) & (pl.col("inserted_at") < window_end)
+    known = pl.col("event_type").is_in(list(EVENT_TYPES))
+
+    def normalized(data: pa.RecordBatch | pa.Table, where: str) -> tuple[pl.DataFrame, NormalizeReport]:
+        try:
+            return normalize_arrow(data, where=f"sync job {sync_job!r}, partition {label}, {where}")
+        except SourceError:
+            raise
+        except Exception as exc:  # polars/arrow errors on odd input
+            raise SourceError(
+                f"sync job {sync_job!r}, partition {label}, {where}: cannot read records ({exc})"
+            ) from None
+
+    def stage(frame: pl.DataFrame, report: NormalizeReport, where: str) -> None:
+        nonlocal outside, unknown_columns, computed_ids
+        unknown_columns |= report.unknown_columns
+        computed_ids += report.computed_ids
+        n_before = frame.height
+        if not frame.select(in_window.all(ignore_nulls=False)).item():
             frame = frame.filter(in_window)
-            outside += n_before - frame.height
-            if not frame.height:
-                continue
-            known = pl.col("event_type").is_in(list(EVENT_TYPES))
-            bad_types = frame.filter(~known)
-            if bad_types.height:
-                for day_value, bad in bad_types.group_by(pl.col("inserted_at").dt.date().alias("_d"), maintain_order=True):
-                    key = day_value[0].isoformat()
-                    sample = bad.get_column("event_type").unique(maintain_order=True).head(5).to_list()
-                    message = (
-                        f"sync job {sync_job!r}, partition {key}: column 'event_type' has {bad.height} "
-                        f"value(s) outside the Userpilot Event Schema, e.g. {sample!r} ({batch.where}); "
-                        f"known event types are {', '.join(EVENT_TYPES)}. Nothing was exported for this partition."
-                    )
-                    if len(days) == 1:
-                        raise ValidationError(message)
-                    errors.setdefault(key, message)
-                frame = frame.filter(known)
-            frame = frame.drop(excluded).with_columns(
-                pl.col("inserted_at").dt.date().alias("_day"), pl.col("inserted_at").dt.hour().alias("_hour")
-            )
-            for (day, event_type, hour), part in frame.partition_by(
-                ["_day", "event_type", "_hour"], as_dict=True, maintain_order=True
-            ).items():
-                key = day.isoformat()
-                received[key] += part.height
-                by_type[key][event_type] += part.height
-                writers.write(day, event_type, hour, part.drop("_day", "_hour").to_arrow())
+        outside += n_before - frame.height
+        if not frame.height:
+            return
+        bad_types = frame.filter(~known)
+        if bad_types.height:
+            for day_value, bad in bad_types.group_by(pl.col("inserted_at").dt.date().alias("_d"), maintain_order=True):
+                key = day_value[0].isoformat()
+                sample = bad.get_column("event_type").unique(maintain_order=True).head(5).to_list()
+                message = (
+                    f"sync job {sync_job!r}, partition {key}: column 'event_type' has {bad.height} "
+                    f"value(s) outside the Userpilot Event Schema, e.g. {sample!r} ({where}); "
+                    f"known event types are {', '.join(EVENT_TYPES)}. Nothing was exported for this partition."
+                )
+                if len(days) == 1:
+                    raise ValidationError(message)
+                errors.setdefault(key, message)
+            frame = frame.filter(known)
+        frame = frame.drop(excluded).with_columns(
+            pl.col("inserted_at").dt.date().alias("_day"), pl.col("inserted_at").dt.hour().alias("_hour")
+        )
+        for (day, event_type, hour), part in frame.partition_by(
+            ["_day", "event_type", "_hour"], as_dict=True, maintain_order=True
+        ).items():
+            key = day.isoformat()
+            received[key] += part.height
+            by_type[key][event_type] += part.height
+            writers.write(day, event_type, hour, part.drop("_day", "_hour").to_arrow())
+
+    try:
+        for group in _coalesced(extraction.batches):
+            if len(group) > 1:
+                # Small batches are normalised and bucketed together (same rows, same order, far less
+                # per-batch overhead). Any error or unknown event type: redo batch by batch, so
+                # messages and counts name the batch exactly as without coalescing.
+                try:
+                    frame, report = normalize_arrow(_concat(group), where=group[0].where)
+                    clean = not frame.select((in_window & ~known).any()).item()
+                except Exception:
+                    clean = False
+                if clean:
+                    stage(frame, report, group[0].where)
+                    continue
+            for batch in group:
+                stage(*normalized(batch.data, batch.where), batch.where)
         writers.close()
     except BaseException:
         writers.close()
@@ -211,7 +303,7 @@ def stage_days(
         raise
 
     staged: dict[str, StagedDay] = {}
-    now = datetime.now().astimezone().isoformat(timespec="seconds")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
         for day in days:
             key = day.isoformat()

@@ -184,8 +184,10 @@ def _policy(*actions: str, resource: str) -> str:
                        "Statement": [{"Effect": "Allow", "Action": list(actions), "Resource": resource}]})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def moto_s3():
+    # Session scope: moto keeps its backends (IAM users included) in process-wide state, so a
+    # second server in the same process would find the users already there.
     import boto3
     from moto.server import ThreadedMotoServer
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_cli_backfill_range_and_days(tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     text = (REPO / "sync_jobs" / "demo.yaml").read_text()

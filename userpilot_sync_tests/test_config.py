@@ -83,7 +83,8 @@ def test_defaults_of_a_minimal_file(tmp_path):
     job = load_sync_job_file(_write(tmp_path, "min.yaml", MINIMAL))
     assert job.title == "" and job.enabled is True
     assert job.source == DemoSourceConfig(events_per_day=5000, seed=42)
-    assert job.destination == LocalDestination(path="exports", prefix="")
+    # relative local paths are resolved against the project folder (the parent of the jobs folder)
+    assert job.destination == LocalDestination(path=str((tmp_path.parent / "exports").resolve()), prefix="")
     assert job.frequency == "daily" and job.sync_back is None and job.backfill_days == 0
     assert job.event_types == EVENT_TYPES and job.filters.exclude_columns == ()
     assert job.formats == (FormatSpec(format="parquet", compression="zstd"),)
@@ -101,7 +102,7 @@ def test_shipped_demo_yaml_loads():
     demo = jobs[0]
     assert demo.source_file == "demo.yaml"
     assert demo.source == DemoSourceConfig(events_per_day=5000, seed=42)
-    assert demo.destination == LocalDestination(path="exports", prefix="userpilot_events")
+    assert demo.destination == LocalDestination(path=str(REPO / "exports"), prefix="userpilot_events")
     assert demo.sync_id == "10001" and demo.app_token == "NX-demo0001"
     assert demo.enabled is True and demo.schedules_running is False and demo.backfill_days == 0
 
@@ -255,7 +256,8 @@ def test_missing_sync_jobs_dir_names_the_env_var(tmp_path, monkeypatch):
         ),
         pytest.param(
             {"source": {"kind": "export_api", "api_key_env": "my key"}},
-            "key source.export_api.api_key_env: 'my key' is not an environment variable name",
+            # the value is never echoed: people paste the key itself here by mistake
+            "key source.export_api.api_key_env: is not an environment variable name",
             id="bad_env_var_name",
         ),
         pytest.param(
@@ -325,7 +327,8 @@ def test_sync_id_written_as_a_number_must_be_quoted(tmp_path):
         load_sync_job_file(path)
     assert str(err.value) == (
         "sync job file a.yaml: invalid configuration\n"
-        '  key sync_id: 83 was read as a number; write the sync_id in quotes, e.g. sync_id: "83"'
+        "  key sync_id: 83 was read as a number (YAML reads 0123 as the octal 83); write the sync_id in quotes "
+        'exactly as Userpilot shows it, e.g. sync_id: "13214"'
     )
     assert load_sync_job_file(_write(tmp_path, "b.yaml", 'name: b\nsync_id: "0123"\napp_token: NX-1\n')).sync_id == "0123"
 
@@ -369,3 +372,28 @@ def test_missing_api_key_fails_the_dagster_run_naming_the_variable(tmp_path, mon
     assert not result.success
     assert "ACME_TEST_USERPILOT_KEY" in "\n".join(failure_messages(result))
     assert not (tmp_path / "exports").exists()
+
+
+def test_every_key_is_documented():
+    """docs/configuration.md names every key of the sync-job model (keeps the docs current)."""
+    from userpilot_sync.config import model
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    classes = [model.SyncJob, model.SyncBack, model.Filters, model.FormatSpec, model.DemoSourceConfig,
+               model.FilesSourceConfig, model.ExportApiSourceConfig, model.LocalDestination,
+               model.S3Destination, model.GcsDestination]
+    missing = [f"{cls.__name__}.{name}" for cls in classes for name in cls.model_fields
+               if name != "source_file" and f"`{name}`" not in text]
+    assert missing == []
+
+
+def test_relative_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    jobs = tmp_path / "project" / "sync_jobs"
+    jobs.mkdir(parents=True)
+    path = _write(jobs, "rel.yaml", {**MINIMAL, "destination": {"kind": "local", "path": "./out"}})
+    monkeypatch.chdir(tmp_path)
+    here = load_sync_job_file(path)
+    monkeypatch.chdir(jobs)
+    there = load_sync_job_file(path)
+    assert here.destination.path == there.destination.path == str(tmp_path / "project" / "out")
+    assert here.destination.fingerprint() == there.destination.fingerprint()

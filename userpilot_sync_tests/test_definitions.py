@@ -57,10 +57,9 @@ def test_daily_schedule_targets_yesterday_and_demo_is_stopped(tmp_path):
     assert schedule.cron_schedule == "0 3 * * *" and schedule.execution_timezone == "UTC"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     tick = datetime(2026, 3, 10, 3, 0, tzinfo=timezone.utc)
-    with dg.instance_for_test() as instance:
-        ctx = dg.build_schedule_context(
-            instance=instance, scheduled_execution_time=tick, repository_def=defs.get_repository_def()
-        )
+    with dg.instance_for_test() as instance, dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=tick, repository_def=defs.get_repository_def()
+    ) as ctx:
         data = schedule.evaluate_tick(ctx)
     assert [r.partition_key for r in data.run_requests] == ["2026-03-09"]
     assert data.run_requests[0].tags["userpilot_sync/partition_lock"] == "demo.2026-03-09"

@@ -179,7 +179,7 @@ def test_shipped_demo_schedules_stay_stopped(tmp_path):
     sync_schedules = [s for s in defs.schedules if s.name.startswith("demo_") and s.name.endswith("_sync")]
     assert [s.name for s in sync_schedules] == ["demo_daily_sync"]
     assert all(s.default_status == dg.DefaultScheduleStatus.STOPPED for s in defs.schedules)
-    assert not list(defs.sensors or [])  # backfill_days: 0
+    assert "demo_initial_backfill" not in {s.name for s in defs.sensors or []}  # backfill_days: 0
 
 
 # ------------------------------------------------------------------------------ initial backfill
@@ -196,7 +196,9 @@ def test_initial_backfill_partitions_pure(tmp_path):
 
 def test_backfill_days_zero_has_no_sensor(tmp_path):
     defs = build_definitions([make_job(tmp_path, backfill_days=0)], tmp_path / "staging")
-    assert not list(defs.sensors or [])
+    assert not [s for s in defs.sensors or [] if s.name.endswith("_initial_backfill")]
+    with_backfill = build_definitions([make_job(tmp_path, backfill_days=1)], tmp_path / "staging")
+    assert [s.name for s in with_backfill.sensors if s.name.endswith("_initial_backfill")] == ["demo_initial_backfill"]
 
 
 def test_initial_backfill_sensor_statuses(tmp_path):
@@ -213,12 +215,6 @@ def test_initial_backfill_sensor_statuses(tmp_path):
     assert data.cursor is None  # enabling the sync job later still requests the backfill
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defs/sync_job.py: _subset imports dagster._core.definitions.asset_graph_subset (moved to "
-    "dagster._core.definitions.assets.graph.asset_graph_subset in dagster 1.13), and a sensor declared with "
-    "job= cannot yield RunRequest.for_asset_graph_subset (needs asset_selection=); remove this mark once fixed",
-)
 def test_initial_backfill_sensor_requests_once(tmp_path):
     job = make_job(tmp_path, backfill_days=5)
     defs = build_definitions([job], tmp_path / "staging")

@@ -40,7 +40,7 @@ def dagster_dev(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     home = root / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
     jobs = root / "sync_jobs"
     jobs.mkdir()
     demo = (REPO / "sync_jobs" / "demo.yaml").read_text().replace("path: exports", f"path: {root / 'exports'}")
@@ -105,6 +105,14 @@ def test_ui_lists_assets_and_materializes_a_partition(dagster_dev):
         ("demo_definitions_refresh", "0 3 * * *", "STOPPED"),
     }
 
+    sensors = _gql(
+        url,
+        """query($sel: RepositorySelector!) { sensorsOrError(repositorySelector: $sel) {
+             ... on Sensors { results { name sensorState { status } } } } }""",
+        {"sel": {"repositoryLocationName": dagster_dev["location"], "repositoryName": "__repository__"}},
+    )["sensorsOrError"]["results"]
+    assert {(s["name"], s["sensorState"]["status"]) for s in sensors} == {("userpilot_manifest_automation", "RUNNING")}
+
     launched = _gql(
         url,
         """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
@@ -147,3 +155,64 @@ def test_ui_lists_assets_and_materializes_a_partition(dagster_dev):
     assert mats[0]["runId"] == run_id and mats[0]["partition"] == PK
     labels = {m["label"] for m in mats[0]["metadataEntries"]}
     assert {"dagster/row_count", "dagster/uri", "dagster/column_schema", "bytes"} <= labels
+
+
+def _launch_and_wait(dagster_dev, selector_extra: dict, tags: list[dict]) -> str:
+    url = dagster_dev["url"]
+    launched = _gql(
+        url,
+        """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+             __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
+        {"p": {"selector": {"repositoryLocationName": dagster_dev["location"], "repositoryName": "__repository__",
+                            "jobName": "demo_sync", **selector_extra},
+               "executionMetadata": {"tags": tags}}},
+    )["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        status = _gql(url, 'query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }', {"id": run_id})[
+            "runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            assert status == "SUCCESS"
+            return run_id
+        time.sleep(2)
+    raise TimeoutError(run_id)
+
+
+@pytest.mark.integration
+def test_subset_materialization_is_followed_by_the_manifest(dagster_dev):
+    """A user re-materializes one export of a day; the daemon's automation sensor re-writes its manifest."""
+    pk = last_complete_days(2)[0].isoformat()
+    _launch_and_wait(dagster_dev, {}, [{"key": "dagster/partition", "value": pk}])
+    # the automation sensor compares each tick with the previous one: let it tick once after the
+    # full run, as it does all day long in a real deployment
+    done = time.time()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ticks = _gql(
+            dagster_dev["url"],
+            """query($sel: SensorSelector!) { sensorOrError(sensorSelector: $sel) {
+                 ... on Sensor { sensorState { ticks(limit: 1) { timestamp status } } } } }""",
+            {"sel": {"repositoryLocationName": dagster_dev["location"], "repositoryName": "__repository__",
+                     "sensorName": "userpilot_manifest_automation"}},
+        )["sensorOrError"]["sensorState"]["ticks"]
+        if ticks and ticks[0]["timestamp"] > done and ticks[0]["status"] != "STARTED":
+            break
+        time.sleep(2)
+    subset_run = _launch_and_wait(
+        dagster_dev,
+        {"assetSelection": [{"path": ["demo", "raw_events"]}, {"path": ["demo", "track"]}]},
+        [{"key": "dagster/partition", "value": pk}],
+    )
+    manifest = dagster_dev["root"] / "exports" / "userpilot_events" / "userpilot_datasync_10001_NX-demo0001" / pk / "_manifest.json"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        doc = json.loads(manifest.read_text())
+        if doc["source"]["export_runs"]["track"] == subset_run and doc["run_id"] != subset_run:
+            break
+        time.sleep(3)
+    else:
+        raise AssertionError(f"the manifest of {pk} was not re-written after the subset run: {doc['run_id']}")
+    assert doc["source"]["export_runs"]["page_view"] != subset_run  # other exports come from the first run
+    assert len(doc["files"]) == 7

@@ -37,8 +37,11 @@ def _format_errors(path: Path, exc: PydanticValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_sync_job_file(path: Path) -> SyncJob:
-    """Parse and validate one sync-job YAML file."""
+def load_sync_job_file(path: Path, base: Path | None = None) -> SyncJob:
+    """Parse and validate one sync-job YAML file.
+
+    Relative local paths are resolved against ``base`` (default: the parent of the file's folder).
+    """
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -52,7 +55,26 @@ def load_sync_job_file(path: Path) -> SyncJob:
         job = SyncJob.model_validate(data)
     except PydanticValidationError as exc:
         raise ConfigError(_format_errors(path, exc)) from None
-    return job.model_copy(update={"source_file": path.name})
+    return resolve_paths(job, base if base is not None else path.resolve().parent.parent).model_copy(
+        update={"source_file": path.name}
+    )
+
+
+def resolve_paths(job: SyncJob, base: Path) -> SyncJob:
+    """Make a local destination's ``path`` and a files source's ``path`` absolute.
+
+    Relative paths are relative to ``base``, the project folder (the parent of the sync-jobs
+    folder), never to the working directory: the destination of a sync job must not depend on
+    where a command is started (its fingerprint is the resolved path).
+    """
+    update = {}
+    dest = job.destination
+    if dest.kind == "local" and not Path(dest.path).is_absolute():
+        update["destination"] = dest.model_copy(update={"path": str((base / dest.path).resolve())})
+    src = job.source
+    if src.kind == "files" and not Path(src.path).is_absolute():
+        update["source"] = src.model_copy(update={"path": str((base / src.path).resolve())})
+    return job.model_copy(update=update) if update else job
 
 
 def load_sync_jobs(directory: Path | None = None) -> list[SyncJob]:

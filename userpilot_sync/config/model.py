@@ -7,6 +7,7 @@ fingerprint is recorded by the first export and checked by every later one).
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import date
 from typing import Annotated, Literal, Union
@@ -30,6 +31,16 @@ def _key_error(loc: tuple[str, ...], message: str, value: object) -> PydanticCor
         "SyncJob",
         [InitErrorDetails(type=PydanticCustomError("value_error", "{message}", {"message": message}), loc=loc, input=value)],
     )
+
+
+def _env_var_name(v: str | None) -> str | None:
+    """Check the NAME of an environment variable holding a secret (the value is never echoed)."""
+    if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+        raise ValueError(
+            "is not an environment variable name (letters, digits, '_'); give the NAME of the variable "
+            "that holds the secret, never the secret itself (the value is not repeated here)"
+        )
+    return v
 
 
 class _Model(BaseModel):
@@ -99,9 +110,7 @@ class ExportApiSourceConfig(_Model):
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
-            raise ValueError(f"{v!r} is not an environment variable name")
-        return v
+        return _env_var_name(v)
 
 
 Source = Annotated[Union[DemoSourceConfig, FilesSourceConfig, ExportApiSourceConfig], Field(discriminator="kind")]
@@ -129,7 +138,8 @@ class LocalDestination(_Model):
     prefix: str = ""
 
     def fingerprint(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "prefix": self.prefix.strip("/")}
+        # the resolved folder: "out", "./out" and its absolute path are one destination
+        return {"kind": self.kind, "path": os.path.abspath(self.path), "prefix": self.prefix.strip("/")}
 
 
 class S3Destination(_Model):
@@ -171,9 +181,7 @@ class S3Destination(_Model):
     @field_validator("external_id_env")
     @classmethod
     def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
-            raise ValueError(f"{v!r} is not an environment variable name")
-        return v
+        return _env_var_name(v)
 
     def fingerprint(self) -> dict:
         return {"kind": self.kind, "bucket": self.bucket, "prefix": self.prefix.strip("/"),
@@ -213,9 +221,7 @@ class GcsDestination(_Model):
     @field_validator("credentials_file_env")
     @classmethod
     def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
-            raise ValueError(f"{v!r} is not an environment variable name")
-        return v
+        return _env_var_name(v)
 
     @field_validator("bucket")
     @classmethod
@@ -358,7 +364,10 @@ class SyncJob(_Model):
         # YAML reads 13214 as a number and 0123 as octal 83: a sync_id must be quoted text, or the
         # sync folder (fixed at the first export) could silently differ from Userpilot's.
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            raise ValueError(f"{v!r} was read as a number; write the sync_id in quotes, e.g. sync_id: \"{v}\"")
+            raise ValueError(
+                f"{v!r} was read as a number (YAML reads 0123 as the octal 83); write the sync_id in quotes "
+                f"exactly as Userpilot shows it, e.g. sync_id: \"13214\""
+            )
         return v
 
     @field_validator("sync_id")

@@ -41,7 +41,7 @@ from userpilot_sync.defs.state import (
     latest_materialization,
     metadata_value,
 )
-from userpilot_sync.errors import SourceError, UserpilotSyncError
+from userpilot_sync.errors import UserpilotSyncError
 from userpilot_sync.export import PreparedExport
 from userpilot_sync.partitions import parse_partition
 from userpilot_sync.schema.events import export_columns
@@ -98,17 +98,14 @@ class StagingIOManager(dg.IOManager):
         return None
 
     def load_input(self, context: dg.InputContext) -> dict[str, StagedDay]:
+        """Staged days of the run's partitions; days without staging (refused, or staging already
+        removed) are left out and reported by the export asset."""
         sync_job = context.asset_key.path[0]
         staged = {}
         for partition in context.asset_partition_keys:
             folder = partition_dir(self.root, sync_job, partition)
-            if not (folder / "staged.json").exists():
-                raise SourceError(
-                    f"sync job {sync_job!r}, partition {partition}: no staged raw events (staging is removed once "
-                    f"a partition's manifest is written). Materialize {sync_job}/raw_events together with the "
-                    f"exports of this partition."
-                )
-            staged[partition] = StagedDay.load(folder)
+            if (folder / "staged.json").exists():
+                staged[partition] = StagedDay.load(folder)
         return staged
 
 
@@ -131,9 +128,17 @@ class DestinationIOManager(dg.IOManager):
         """A storage for this output, with the GCS generations recorded for its partitions."""
         recorded: dict[str, dict[str, int]] = {}
         if self.job.destination.kind == "gcs":
+            instance = _instance(context)
             for pk in partitions:
-                mat = latest_materialization(_instance(context), context.asset_key, pk)
-                recorded[pk] = dict((metadata_value(mat, GENERATIONS_KEY) or {}).get(pk, {}))
+                # the newest record wins: a materialization, or the observation a failed write left
+                flt = dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[pk])
+                candidates = [
+                    *instance.fetch_materializations(flt, limit=1).records,
+                    *instance.fetch_observations(flt, limit=1).records,
+                ]
+                newest = max(candidates, key=lambda r: r.storage_id, default=None)
+                event = None if newest is None else (newest.asset_materialization or newest.asset_observation)
+                recorded[pk] = dict((metadata_value(event, GENERATIONS_KEY) or {}).get(pk, {}))
         merged = {k: v for gens in recorded.values() for k, v in gens.items()}
         return build_storage(self.job, generations=merged), recorded
 
@@ -150,6 +155,19 @@ class DestinationIOManager(dg.IOManager):
                 gens.pop(k, None)
             out[pk] = gens
         return out
+
+    def _record_partial_writes(self, context: dg.OutputContext, storage: Storage, keys_by_pk, recorded) -> None:
+        """After a failed write, keep the GCS generations of what was uploaded (an observation)."""
+        for pk, gens in self._generations_by_partition(storage, keys_by_pk, recorded).items():
+            if gens != recorded.get(pk, {}):
+                _instance(context).report_runless_asset_event(
+                    dg.AssetObservation(
+                        asset_key=context.asset_key,
+                        partition=pk,
+                        metadata={GENERATIONS_KEY: dg.MetadataValue.json({pk: gens}),
+                                  "reason": "write failed after some uploads; generations kept for the next run"},
+                    )
+                )
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
         if isinstance(obj, ExportBatch):
@@ -170,7 +188,13 @@ class DestinationIOManager(dg.IOManager):
         for pk in sorted(batch.exports):
             prepared = batch.exports[pk]
             work = partition_dir(self.staging_root, self.job.name, pk) / "write" / prepared.event_type
-            written = write_export(prepared, self.job, storage, work)
+            try:
+                written = write_export(prepared, self.job, storage, work)
+            except Exception:
+                # object keys carry the partition (".../<day>/..." or ".../date=<day>/...")
+                keys_by_pk[pk] = [k for k in getattr(storage, "written", {}) if pk in k]
+                self._record_partial_writes(context, storage, keys_by_pk, recorded)
+                raise
             files[pk] = [f.to_dict() for f in written.files]
             keys_by_pk[pk] = written.keys
             counts[pk] = {
@@ -189,7 +213,7 @@ class DestinationIOManager(dg.IOManager):
         else:
             uri = storage.uri(self.layout.root)
         metadata = {
-            "dagster/row_count": sum(c["rows"] for c in counts.values()),
+            "rows": sum(c["rows"] for c in counts.values()),
             "dagster/uri": uri,
             "dagster/column_schema": column_schema(batch.event_type, exclude),
             "bytes": sum(f["bytes"] for f in all_files),
@@ -203,6 +227,10 @@ class DestinationIOManager(dg.IOManager):
             FAILED_KEY: dg.MetadataValue.json(batch.failed),
             FINGERPRINT_KEY: destination_fingerprint(self.job),
         }
+        if len(batch.exports) == 1 and not batch.failed:
+            # Dagster gives every partition of a ranged output the same metadata, so the per-day
+            # row count is only set for one-day outputs (ranges: see userpilot/counts per day).
+            metadata["dagster/row_count"] = metadata["rows"]
         gens = self._generations_by_partition(storage, keys_by_pk, recorded)
         if gens:
             metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)
@@ -218,14 +246,18 @@ class DestinationIOManager(dg.IOManager):
         allow_deletes = bool(getattr(self.job.destination, "allow_deletes", False))
         for pk in sorted(batch.manifests):
             manifest = batch.manifests[pk]
-            key = write_manifest(manifest, self.job, storage)
+            try:
+                key = write_manifest(manifest, self.job, storage)
+            except Exception:
+                self._record_partial_writes(context, storage, keys_by_pk, recorded)
+                raise
             keys_by_pk[pk] = [key]
             files[pk] = manifest["files"]
             deleted[pk] = delete_superseded(storage, self.layout, manifest["deleted"], allow_deletes=allow_deletes)
             removed.extend(self._clean_staging(pk))
         manifests = list(batch.manifests.values())
         metadata = {
-            "dagster/row_count": sum(sum(m["event_types"].values()) for m in manifests),
+            "rows": sum(sum(m["event_types"].values()) for m in manifests),
             "files": sum(len(m["files"]) for m in manifests),
             "bytes": sum(f["bytes"] for m in manifests for f in m["files"]),
             "source_rows": sum(m["source"].get("source_rows", 0) for m in manifests),
@@ -237,6 +269,7 @@ class DestinationIOManager(dg.IOManager):
             FINGERPRINT_KEY: destination_fingerprint(self.job),
         }
         if len(manifests) == 1:
+            metadata["dagster/row_count"] = metadata["rows"]
             metadata["dagster/uri"] = storage.uri(keys_by_pk[manifests[0]["partition"]][0])
             metadata["manifest"] = dg.MetadataValue.json(manifests[0])
         else:

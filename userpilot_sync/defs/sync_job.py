@@ -35,9 +35,8 @@ from userpilot_sync.defs.state import (
     metadata_value,
 )
 from userpilot_sync.destination.manifest import build_manifest
-from userpilot_sync.destination.superseded import superseded_paths
 from userpilot_sync.errors import DestinationError, UserpilotSyncError, ValidationError, WindowError
-from userpilot_sync.export import prepare_export
+from userpilot_sync.export import load_prepared, prepare_export
 from userpilot_sync.partitions import check_in_window, day_window, parse_partition
 from userpilot_sync.pipeline import extract_and_stage
 from userpilot_sync.scheduling import (
@@ -75,8 +74,12 @@ class _Guard:
         self.job = job
         self.destination_keys = destination_keys
 
-    def __call__(self, context: dg.AssetExecutionContext) -> list[str]:
-        """The run's partition keys (one, or a backfill range), after every check passed."""
+    def __call__(self, context: dg.AssetExecutionContext) -> tuple[list[str], dict[str, str]]:
+        """The run's partitions to export (one, or a backfill range) and the refused ones with why.
+
+        A single partition outside the 365-day window raises; inside a backfill range such days
+        are refused one by one (reported like a bad day) so they don't cost the others.
+        """
         job = self.job
         partitions = list(context.partition_keys)
         label = partitions[0] if len(partitions) == 1 else f"{partitions[0]}..{partitions[-1]}"
@@ -86,11 +89,18 @@ class _Guard:
                 f"exports are made and files already exported stay untouched. Set enabled: true to export "
                 f"partition {label}."
             )
+        refused: dict[str, str] = {}
         for pk in partitions:
             try:
                 check_in_window(job.name, parse_partition(pk))
             except ValueError as exc:
                 raise WindowError(f"sync job {job.name!r}: {exc}") from None
+            except WindowError as exc:
+                if len(partitions) == 1:
+                    raise
+                refused[pk] = str(exc)
+        if len(refused) == len(partitions):
+            raise WindowError("\n".join(refused.values()))
         check_destination_unchanged(context.instance, job, self.destination_keys)
         dest = job.destination
         if dest.kind == "gcs" and dest.overwrite == "refuse":
@@ -108,7 +118,7 @@ class _Guard:
                             f"replace objects). Grant the custom role with storage.objects.delete and set "
                             f"overwrite: overwrite to re-export. Nothing was written."
                         )
-        return partitions
+        return [pk for pk in partitions if pk not in refused], refused
 
 
 def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitions:
@@ -152,9 +162,30 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
         **common,
     )
     def raw_events(context: dg.AssetExecutionContext):
-        partitions = guard(context)
+        partitions, refused = guard(context)
         days = [parse_partition(pk) for pk in partitions]
         staged = extract_and_stage(job, days, staging_root)
+        # Prepare (filter, de-duplicate, order, validate) every event type of every day here, before
+        # any export asset uploads: a day that breaks the schema in one event type gets no file
+        # replaced at all, so a re-export can never leave a day half-overwritten.
+        failed: dict[str, str] = dict(refused)
+        for pk in partitions:
+            day = staged[pk]
+            if day.error is None:
+                try:
+                    for event_type in job.event_types:
+                        prepare_export(day, job, event_type, day.root / "prepared" / event_type)
+                except ValidationError as exc:
+                    day.error = str(exc)
+                    day.save()
+            if day.error:
+                failed[pk] = day.error
+        if failed and len(context.partition_keys) == 1:
+            raise ValidationError(failed[partitions[0]])
+        if len(failed) == len(context.partition_keys):
+            raise ValidationError("\n".join(failed[pk] for pk in sorted(failed)))
+        for pk, message in sorted(failed.items()):
+            context.log.error(message)
         previous = latest_materialization(context.instance, raw_key, (days[0] - timedelta(days=1)).isoformat())
         previous_rows = (metadata_value(previous, STAGED_KEY) or {}).get(
             (days[0] - timedelta(days=1)).isoformat(), {}
@@ -185,7 +216,7 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
                 "source_rows": sum(d.rows_received for d in staged.values()),
                 "rows_outside_window": max((d.rows_outside_window for d in staged.values()), default=0),
                 "unknown_columns": dg.MetadataValue.json(sorted({c for d in staged.values() for c in d.unknown_columns})),
-                "failed_partitions": dg.MetadataValue.json({pk: d.error for pk, d in staged.items() if d.error}),
+                "failed_partitions": dg.MetadataValue.json(failed),
                 STAGED_KEY: dg.MetadataValue.json(per_day),
             },
         )
@@ -221,18 +252,19 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
             **common,
         )
         def export(context: dg.AssetExecutionContext, raw_events: dict):
-            partitions = guard(context)
-            exports, failed = {}, {}
+            partitions, refused = guard(context)
+            exports, failed = {}, dict(refused)
             for pk in partitions:
-                staged = raw_events[pk]
-                if staged.error:
+                staged = raw_events.get(pk)
+                if staged is None:
+                    failed[pk] = (f"sync job {job.name!r}, partition {pk}: no staged raw events (staging is removed "
+                                  f"once a partition's manifest is written); materialize {job.name}/raw_events "
+                                  f"together with the exports of this partition.")
+                elif staged.error:
                     failed[pk] = staged.error
-                    continue
-                try:
-                    exports[pk] = prepare_export(staged, job, event_type, staged.root / "prepared" / event_type)
-                except ValidationError as exc:
-                    failed[pk] = str(exc)
-            if failed and (len(partitions) == 1 or not exports):
+                else:
+                    exports[pk] = load_prepared(staged.root / "prepared" / event_type)
+            if failed and (len(context.partition_keys) == 1 or not exports):
                 raise ValidationError("\n".join(failed[pk] for pk in sorted(failed)))
             for pk, message in sorted(failed.items()):
                 context.log.error(message)
@@ -281,16 +313,18 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
         **common,
     )
     def manifest(context: dg.AssetExecutionContext) -> ManifestBatch:
-        partitions = guard(context)
+        partitions, refused = guard(context)
         instance = context.instance
-        manifests, failed = {}, {}
+        manifests, failed = {}, dict(refused)
         for partition in partitions:
             try:
                 manifests[partition] = _manifest_of(instance, partition, context.run_id)
             except UserpilotSyncError as exc:
-                if len(partitions) == 1:
+                if len(context.partition_keys) == 1:
                     raise
                 failed[partition] = str(exc)
+        if not manifests:
+            raise UserpilotSyncError("\n".join(failed[pk] for pk in sorted(failed)))
         return ManifestBatch(manifests, failed)
 
     def _manifest_of(instance: dg.DagsterInstance, partition: str, run_id: str) -> dict:
@@ -338,13 +372,7 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
             filtered_out=filtered,
             export_runs=export_runs,
         )
-        previous = latest_materialization(instance, manifest_key, partition)
-        previous_files = (metadata_value(previous, FILES_KEY) or {}).get(partition, [])
-        previous_superseded = set((metadata_value(previous, "superseded") or {}).get(partition, []))
-        previous_deleted = set((metadata_value(previous, "deleted") or {}).get(partition, []))
-        superseded = sorted(
-            set(superseded_paths(previous_files, files)) | (previous_superseded - previous_deleted - {f.path for f in files})
-        )
+        superseded = sorted(set(_earlier_paths(instance, partition)) - {f.path for f in files})
         allow_deletes = bool(getattr(job.destination, "allow_deletes", False))
         start, end = day_window(parse_partition(partition))
         return build_manifest(
@@ -353,6 +381,28 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
             settings=job.settings_summary(), source=source, event_types=rows, files=files,
             superseded=superseded, deleted=superseded if allow_deletes else [],
         )
+
+    def _earlier_paths(instance: dg.DagsterInstance, partition: str) -> set[str]:
+        """Every path an earlier export of this partition wrote and has not deleted (from the instance).
+
+        The union over all recorded export and manifest materializations, not only the last
+        manifest: a run that failed before its manifest may have written parts that are now gone
+        from the new file list, and readers must be told about them.
+        """
+        events = []
+        for key in [*export_keys.values(), manifest_key]:
+            events.extend(
+                instance.fetch_materializations(
+                    dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1000
+                ).records
+            )
+        paths: set[str] = set()
+        for record in sorted(events, key=lambda r: r.storage_id):  # oldest first
+            mat = record.asset_materialization
+            paths |= {f["path"] for f in (metadata_value(mat, FILES_KEY) or {}).get(partition, [])}
+            paths |= set((metadata_value(mat, "superseded") or {}).get(partition, []))
+            paths -= set((metadata_value(mat, "deleted") or {}).get(partition, []))
+        return paths
 
     assets = [raw_events, *exports, manifest]
     jobs = []
@@ -408,7 +458,11 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
     )
     running = dg.DefaultScheduleStatus.RUNNING if (job.enabled and job.schedules_running) else dg.DefaultScheduleStatus.STOPPED
 
-    def requests(keys: list[str], kind: str) -> list[dg.RunRequest]:
+    def requests(context: dg.ScheduleEvaluationContext, partitions_at, kind: str):
+        """One run per partition that ``partitions_at(job, tick)`` selects, or why none."""
+        keys = partitions_at(job, context.scheduled_execution_time.astimezone(timezone.utc))
+        if not keys:
+            return dg.SkipReason(f"sync job {job.name!r} is disabled" if not job.enabled else "no partition in the window")
         return [
             dg.RunRequest(run_key=f"{kind}:{pk}", partition_key=pk, tags={**run_tags(job, pk), "userpilot_sync/trigger": kind})
             for pk in keys
@@ -426,11 +480,7 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
         ),
     )
     def sync_schedule(context: dg.ScheduleEvaluationContext):
-        tick = context.scheduled_execution_time.astimezone(timezone.utc)
-        keys = sync_partitions(job, tick)
-        if not keys:
-            return dg.SkipReason(f"sync job {job.name!r} is disabled" if not job.enabled else "no partition in the window")
-        return requests(keys, job.frequency)
+        return requests(context, sync_partitions, job.frequency)
 
     schedules = [sync_schedule, *extra_schedules]
     if job.sync_back is not None:
@@ -447,11 +497,7 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
             ),
         )
         def sync_back_schedule(context: dg.ScheduleEvaluationContext):
-            tick = context.scheduled_execution_time.astimezone(timezone.utc)
-            keys = sync_back_partitions(job, tick)
-            if not keys:
-                return dg.SkipReason(f"sync job {job.name!r} is disabled" if not job.enabled else "no partition in the window")
-            return requests(keys, "sync_back")
+            return requests(context, sync_back_partitions, "sync_back")
 
         schedules.append(sync_back_schedule)
 
@@ -460,9 +506,11 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
 
         @dg.sensor(
             name=f"{job.name}_initial_backfill",
-            job=sync_job_def,
+            asset_selection=selection,
             minimum_interval_seconds=60,
-            default_status=dg.DefaultSensorStatus.RUNNING if job.enabled else dg.DefaultSensorStatus.STOPPED,
+            default_status=(
+                dg.DefaultSensorStatus.RUNNING if (job.enabled and job.schedules_running) else dg.DefaultSensorStatus.STOPPED
+            ),
             description=f"Requests the initial backfill of {job.name!r} ({job.backfill_days} days) once, when the sync job is first enabled.",
         )
         def initial_backfill(context: dg.SensorEvaluationContext):
@@ -521,7 +569,7 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
 
 
 def _subset(context, keys, parts, partition_keys):
-    from dagster._core.definitions.asset_graph_subset import AssetGraphSubset
+    from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 
     subset = parts.empty_subset().with_partition_keys(partition_keys)
     return AssetGraphSubset(partitions_subsets_by_asset_key={k: subset for k in keys})

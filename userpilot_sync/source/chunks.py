@@ -48,15 +48,31 @@ def _open_text(path: Path):
 
 
 def _records_to_batch(records: list[dict]) -> pa.RecordBatch:
-    for rec in records:
-        meta = rec.get("metadata")
-        if isinstance(meta, (dict, list)):
-            rec["metadata"] = json.dumps(meta, sort_keys=True, separators=(",", ":"))
-        for key, value in list(rec.items()):
-            if isinstance(value, (dict, list)) and key != "metadata":
-                rec[key] = json.dumps(value, sort_keys=True, separators=(",", ":"))
-    table = pa.Table.from_pylist(records)
-    return table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([])
+    """Records (dicts) as one batch whose columns are the union of every record's keys.
+
+    Keys missing from a record are null (not dropped because the first record lacks them);
+    objects become JSON text (sorted keys); a column whose values have mixed Python types (1920
+    and "1920") is kept as text, which normalisation then converts.
+    """
+    columns: dict[str, list] = {}
+    for i, rec in enumerate(records):
+        for key in rec:
+            if key not in columns:
+                columns[key] = [None] * i
+        for key, values in columns.items():
+            value = rec.get(key)
+            if isinstance(value, (dict, list)):
+                value = json.dumps(value, sort_keys=True, separators=(",", ":"))
+            values.append(value)
+    arrays, names = [], []
+    for key, values in columns.items():
+        try:
+            array = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            array = pa.array([None if v is None else str(v) for v in values], type=pa.string())
+        arrays.append(array)
+        names.append(key)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
 def _iter_ndjson(path: Path, batch_rows: int) -> Iterator[pa.RecordBatch]:

@@ -41,7 +41,7 @@ class NormalizeReport:
     computed_ids: int = 0
 
 
-def _timestamp_expr(dtype: pl.DataType) -> pl.Expr:
+def _timestamp_expr(dtype: pl.DataType, where: str = "source chunk") -> pl.Expr:
     col = pl.col("inserted_at")
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone is None:
@@ -55,18 +55,30 @@ def _timestamp_expr(dtype: pl.DataType) -> pl.Expr:
         return text.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", time_unit="us", strict=False).dt.convert_time_zone("UTC")
     if dtype == pl.Date:
         return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    raise SourceError(f"column 'inserted_at' has type {dtype}; expected ISO-8601 text or a timestamp")
+    raise SourceError(
+        f"{where}: column 'inserted_at' has type {dtype}; expected ISO-8601 text or a timestamp (UTC when no zone)"
+    )
+
+
+def _canonical_json(value) -> str | None:
+    """JSON text of an object with sorted keys and without null members (struct/map rows)."""
+    if value is None:
+        return None
+    if isinstance(value, list):  # a map column: [{"key": ..., "value": ...}, ...]
+        value = {item["key"]: item["value"] for item in value}
+    return json.dumps({k: v for k, v in value.items() if v is not None}, sort_keys=True, separators=(",", ":"),
+                      default=str)
 
 
 def _metadata_expr(dtype: pl.DataType) -> pl.Expr:
     col = pl.col("metadata")
     if dtype == pl.Utf8:
         return pl.when(col.str.strip_chars() == "").then(None).otherwise(col)
-    if isinstance(dtype, pl.Struct):
-        return col.struct.json_encode()
     if dtype == pl.Null:
         return col.cast(pl.Utf8)
-    return col.map_elements(lambda v: json.dumps(v, sort_keys=True, separators=(",", ":")), return_dtype=pl.Utf8)
+    # Structs (Parquet/Avro records) and maps: the same text an NDJSON object gives, so one event
+    # delivered in two chunk formats is the same event (sorted keys, no null members).
+    return col.map_elements(_canonical_json, return_dtype=pl.Utf8, skip_nulls=True)
 
 
 def normalize_frame(frame: pl.DataFrame, where: str = "source chunk") -> tuple[pl.DataFrame, NormalizeReport]:
@@ -87,7 +99,7 @@ def normalize_frame(frame: pl.DataFrame, where: str = "source chunk") -> tuple[p
             continue
         dtype = frame.schema[name]
         if name == "inserted_at":
-            exprs.append(_timestamp_expr(dtype).alias(name))
+            exprs.append(_timestamp_expr(dtype, where).alias(name))
         elif name == "metadata":
             exprs.append(_metadata_expr(dtype).alias(name))
         elif name in _INT_COLUMNS:
@@ -114,6 +126,14 @@ def normalize_frame(frame: pl.DataFrame, where: str = "source chunk") -> tuple[p
             sample = frame.get_column(name).filter(bad).head(5).cast(pl.Utf8).to_list()
             raise SourceError(
                 f"{where}: column {name!r} has {int(bad.sum())} unreadable value(s), e.g. {sample!r}"
+            )
+    if frame.schema.get("metadata") == pl.Utf8:
+        text = out.get_column("metadata").str.strip_chars()
+        bad = text.is_not_null() & ~(text.str.starts_with("{") & text.str.ends_with("}"))
+        if bad.any():
+            sample = out.get_column("metadata").filter(bad).head(3).to_list()
+            raise SourceError(
+                f"{where}: column 'metadata' has {int(bad.sum())} value(s) that are not a JSON object, e.g. {sample!r}"
             )
     if out.get_column("inserted_at").null_count():
         raise SourceError(
