@@ -131,10 +131,10 @@ def _https_or_loopback(v: str | None) -> str | None:
 
 
 class LocalDestination(_Model):
-    """A local folder (``path``, relative paths are relative to the working directory)."""
+    """A local folder (``path``; the loader resolves relative paths against the project folder)."""
 
     kind: Literal["local"] = "local"
-    path: str = "exports"
+    path: str = "exports"  # relative: to the project folder (the loader resolves it)
     prefix: str = ""
 
     def fingerprint(self) -> dict:

@@ -6,11 +6,13 @@ value rules the Userpilot docs imply:
 * ``app_token`` equals the sync job's app token; ``event_type`` equals the export's event type;
 * ``event_name`` is ``""`` for identify_user, identify_company, page_view and session_start, not
   empty for track and track_feature, and ``{entity_type}:{entity_id}:{STATUS}`` for interaction;
-* ``source`` is well formed (lower-case words joined by ``-``); values outside
+* ``source`` is one token (letters, digits, ``-``, ``_``, ``.``, ``:``); values outside
   :data:`~userpilot_sync.schema.events.KNOWN_SOURCES` are reported, not rejected (open set);
 * ``country_code`` is two upper-case letters; screen sizes are >= 0 pixels;
 * ``inserted_at`` lies inside the partition's UTC day [00:00, 24:00);
-* ``internal_event_id`` is present, not empty and unique within the export.
+* ``internal_event_id`` is present, not empty and unique within each validated group (~200k rows);
+  an id seen twice with different content is also caught per hour bucket, where two rows with
+  one id always meet (the id hashes ``inserted_at``), see ``export.py``.
 
 :func:`validate_export_frame` raises :class:`~userpilot_sync.errors.ValidationError` naming the
 sync job, partition, event type, column and a sample of failing values.
@@ -30,7 +32,8 @@ from userpilot_sync.errors import ValidationError
 from userpilot_sync.schema.events import EMPTY_NAME_EVENT_TYPES, export_columns
 
 INTERACTION_NAME_PATTERN = r"^[a-z][a-z0-9_]*:[^:]+:[A-Z][A-Z_]*$"
-SOURCE_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+# open set (decision 12): any single token is accepted, unknown values are reported, not rejected
+SOURCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 COUNTRY_CODE_PATTERN = r"^[A-Z]{2}$"
 
 _POLARS_TYPES = {

@@ -1,7 +1,7 @@
 """The local-files source: a folder of export chunk files as the Bulk Data Export API delivers them.
 
 Any number of files per day, in parquet, ndjson, csv or avro (ndjson/csv may be gzipped),
-anywhere below ``path``; rows are assigned to partitions by ``inserted_at`` (the stager keeps
+anywhere below ``path`` (names starting with ``.`` or ``_`` are skipped); rows are assigned to partitions by ``inserted_at`` (the stager keeps
 only the requested window). Files are read in name order, streamed in batches.
 """
 
@@ -28,7 +28,12 @@ class FilesSource:
         if not self.path.is_dir():
             raise SourceError(f"source folder {self.path} does not exist; check the sync job's source.path")
         return sorted(
-            (p for p in self.path.rglob("*") if p.is_file() and chunk_format(p)),
+            (
+                p for p in self.path.rglob("*")
+                # hidden files and "_"-files (e.g. a _manifest.json copied along) are not chunks
+                if p.is_file() and chunk_format(p)
+                and not any(part.startswith((".", "_")) for part in p.relative_to(self.path).parts)
+            ),
             key=lambda p: p.relative_to(self.path).as_posix(),
         )
 
