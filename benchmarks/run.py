@@ -12,7 +12,7 @@ One process tree, on the same generated source data:
   pandera-on-pandas) and ``floor`` (pyarrow read -> write -> put) each run in a child process;
   peak RSS is that child's ``ru_maxrss`` from ``os.wait4`` (the S3 server is not counted);
 * ``backfill_365``: ``dagster dev`` (webserver + daemon) on a free loopback port with a
-  temporary DAGSTER_HOME (the repo's dagster.yaml); an asset backfill of the demo sync job's
+  temporary DAGSTER_HOME (deploy/dagster.yaml); an asset backfill of the demo sync job's
   365 days ending yesterday is launched over GraphQL (``launchPartitionBackfill``), timed until
   the backfill completes; peak RSS of the run processes is sampled (VmHWM) with psutil.
 
@@ -207,7 +207,9 @@ class _TreeSampler(threading.Thread):
                     total += p.memory_info().rss
                 except psutil.Error:
                     continue
-                if "execute_run" in cmd or "execute_step" in cmd:
+                # Run workers: `dagster api execute_run`, or (code server launches) a multiprocessing
+                # spawn child of `dagster api grpc`.
+                if "execute_run" in cmd or "execute_step" in cmd or "spawn_main" in cmd:
                     hwm = self._hwm_kb(p.pid)
                     self.run_hwm_kb[p.pid] = max(hwm, self.run_hwm_kb.get(p.pid, 0))
             self.tree_rss_kb = max(self.tree_rss_kb, total // 1024)
