@@ -7,7 +7,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
-import pytest
 
 from userpilot_sync.config.loader import load_sync_jobs
 from userpilot_sync.defs.project import build_definitions

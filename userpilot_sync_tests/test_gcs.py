@@ -40,7 +40,6 @@ def is_create(r) -> bool:
 def proxy(fake_gcs):
     """Bearer-token IAM in front of the emulator: writer = create + delete (the custom role),
     creator = roles/storage.objectCreator (create only, no overwrite), admin = everything."""
-    state = {"creator_names": set()}
     p = RecordingProxy(upstream=fake_gcs.endpoint.split("//")[1], keep_bodies=False)
 
     def deny(msg=b"forbidden"):

@@ -38,7 +38,6 @@ from userpilot_sync.defs.state import (
     FINGERPRINT_KEY,
     GENERATIONS_KEY,
     destination_fingerprint,
-    latest_materialization,
     metadata_value,
 )
 from userpilot_sync.errors import UserpilotSyncError

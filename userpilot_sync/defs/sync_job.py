@@ -12,7 +12,7 @@ what the exports wrote.
 """
 
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -124,7 +124,6 @@ class _Guard:
 def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitions:
     """All Dagster definitions of one sync job."""
     parts = partitions_def(job)
-    prefix = [job.name]
     raw_key = dg.AssetKey([job.name, "raw_events"])
     export_keys = {et: dg.AssetKey([job.name, et]) for et in job.event_types}
     manifest_key = dg.AssetKey([job.name, "manifest"])
