@@ -22,7 +22,7 @@ from userpilot_sync.defs.project import build_definitions
 from userpilot_sync.defs.sync_job import run_tags
 from userpilot_sync.destination.writer import layout_for
 from userpilot_sync.errors import UserpilotSyncError, WindowError
-from userpilot_sync.partitions import check_in_window, last_complete_days, parse_partition
+from userpilot_sync.partitions import check_in_window, last_complete_days, parse_partition, window_bounds
 
 
 #: Console logging of runs started here: warnings and errors only (the UI shows every event).
@@ -55,16 +55,21 @@ def _ranges(job, args) -> list[tuple[date, date]]:
             raise ValueError("--days must be at least 1")
         keys = args.partition or [d.isoformat() for d in last_complete_days(args.days)]
         ranges = [(parse_partition(k), parse_partition(k)) for k in keys]
-    for first, last in ranges:
+    if args.range_from:
+        # a backfill may reach before the window: those days are refused one by one by the run
+        # (reported, not exported); a backfill entirely outside the window is refused here
+        check_in_window(job.name, ranges[-1][1])
+        oldest = window_bounds()[0]
+        ranges = [(max(first, min(oldest, last)), last) for first, last in ranges if last >= oldest] or ranges[-1:]
+    else:
+        for first, _ in ranges:
+            check_in_window(job.name, first)  # single days: refuse up front with the window message
+    for first, _ in ranges:
         if first < job.partitions_start:
             raise ValueError(
                 f"sync job {job.name!r}: partition {first.isoformat()} is before partitions_start "
                 f"{job.partitions_start.isoformat()}"
             )
-        if first == last:
-            check_in_window(job.name, first)  # single days: refuse up front with the window message
-        else:
-            check_in_window(job.name, last)  # a range may start before the window (those days are refused)
     return ranges
 
 
@@ -150,12 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sync = sub.add_parser("sync", help="export partitions of one sync job")
     sync.add_argument("--job", default="demo", help="sync job name (default: demo)")
-    sync.add_argument("--days", type=int, default=7, help="the last N complete UTC days (default: 7)")
-    sync.add_argument("--partition", action="append", help="a partition key YYYY-MM-DD (repeatable)")
-    sync.add_argument("--from", dest="range_from", help="backfill: first day YYYY-MM-DD (runs of backfill_days_per_run days)")
-    sync.add_argument("--to", dest="range_to", help="backfill: last day YYYY-MM-DD (default: --from)")
+    which = sync.add_mutually_exclusive_group()
+    which.add_argument("--days", type=int, default=7, help="the last N complete UTC days (default: 7)")
+    which.add_argument("--partition", action="append", help="a partition key YYYY-MM-DD (repeatable)")
+    which.add_argument("--from", dest="range_from", help="backfill: first day YYYY-MM-DD (runs of backfill_days_per_run days)")
+    sync.add_argument("--to", dest="range_to", help="backfill: last day YYYY-MM-DD (with --from; default: --from)")
     sync.set_defaults(func=cmd_sync)
     args = parser.parse_args(argv)
+    if getattr(args, "range_to", None) and not args.range_from:
+        parser.error("--to needs --from")
     return args.func(args)
 
 

@@ -45,8 +45,9 @@ def test_range_run_exports_each_day_with_its_own_manifest(tmp_path):
                 et: expected[et] for et in doc["event_types"]
             }
             assert all(f["path"].startswith(pk) for f in doc["files"])
-            # one extraction covered the whole range
-            assert doc["source"]["window_from"].startswith(DAYS[0])
+            # one extraction covered the whole range; the manifest's window is the day's own
+            assert doc["source"]["extraction_window"]["from"].startswith(DAYS[0])
+            assert doc["source"]["window_from"].startswith(pk) and doc["window"]["from"].startswith(pk)
             assert doc["run_id"] == result.run_id
 
 
@@ -70,6 +71,16 @@ def test_bad_day_in_a_range_does_not_cost_the_good_days(tmp_path):
         text = "\n".join(failure_messages(result))
         assert DAYS[1] in text and "got no manifest" in text and "event_name" in text
         assert _manifest(job, DAYS[0]).exists() and _manifest(job, DAYS[2]).exists()
+        # the good days keep their manifest records in the instance; the check names the bad day
+        recorded = {
+            r.partition_key
+            for r in instance.fetch_materializations(dg.AssetKey(["demo", "manifest"]), limit=10).records
+        }
+        assert recorded == set(DAYS)  # Dagster records every day of a ranged output ...
+        manifest_mat = instance.fetch_materializations(dg.AssetKey(["demo", "manifest"]), limit=1).records[0]
+        assert set(manifest_mat.asset_materialization.metadata["userpilot/files"].value) == {DAYS[0], DAYS[2]}
+        check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "all_days_exported")
+        assert not check.passed and set(check.metadata["failed"].value) == {DAYS[1]}
         assert not _manifest(job, DAYS[1]).exists()
         good = json.loads(_manifest(job, DAYS[2]).read_text())
         assert good["event_types"]["interaction"] > 0

@@ -35,3 +35,14 @@ def test_cli_backfill_range_and_days(tmp_path, monkeypatch, capsys):
         assert manifest["partition"] == pk and sum(manifest["event_types"].values()) == 400
     assert "Newest manifest" in out and (root / "definitions" / "flows.parquet").exists()
     assert cli.main(["sync", "--job", "nope"]) == 2
+
+
+def test_cli_argument_mistakes(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sync", "--to", "2026-01-16"])
+    assert exit_.value.code == 2 and "--to needs --from" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sync", "--days", "3", "--partition", "2026-01-16"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -397,3 +397,12 @@ def test_relative_paths_do_not_depend_on_the_working_directory(tmp_path, monkeyp
     there = load_sync_job_file(path)
     assert here.destination.path == there.destination.path == str(tmp_path / "project" / "out")
     assert here.destination.fingerprint() == there.destination.fingerprint()
+
+
+def test_base_url_with_credentials_is_refused_without_echo(tmp_path):
+    for url in ("https://user:sk-live-123@appex.userpilot.io", "https://appex.userpilot.io/?api_key=sk-live-123"):
+        path = _write(tmp_path, "a.yaml", {**MINIMAL, "source": {"kind": "export_api", "base_url": url}})
+        with pytest.raises(ConfigError) as err:
+            load_sync_job_file(path)
+        assert "key source.export_api.base_url" in str(err.value)
+        assert "sk-live-123" not in str(err.value)

@@ -99,12 +99,15 @@ class ExportApiSourceConfig(_Model):
         from userpilot_sync.source.urls import is_loopback
 
         parts = urlsplit(v.strip())
+        # never echo a URL that may carry credentials (user:key@host, ?api_key=...)
+        if parts.username or parts.password or "@" in parts.netloc:
+            raise ValueError("base_url must not contain credentials (user:key@); the API key comes from api_key_env")
+        if parts.query or parts.fragment:
+            raise ValueError("base_url takes no query or fragment (the value is not repeated here)")
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise ValueError(f"{v!r} is not an http(s) URL, e.g. https://appex.userpilot.io")
         if parts.scheme != "https" and not is_loopback(parts.hostname):
             raise ValueError(f"{v!r}: the Export API must be reached over HTTPS (plain http only on loopback)")
-        if parts.query or parts.fragment:
-            raise ValueError(f"{v!r}: base_url takes no query or fragment")
         return v.strip().rstrip("/")
 
     @field_validator("api_key_env")

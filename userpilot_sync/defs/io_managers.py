@@ -40,7 +40,6 @@ from userpilot_sync.defs.state import (
     destination_fingerprint,
     metadata_value,
 )
-from userpilot_sync.errors import UserpilotSyncError
 from userpilot_sync.export import PreparedExport
 from userpilot_sync.partitions import parse_partition
 from userpilot_sync.schema.events import export_columns
@@ -155,17 +154,21 @@ class DestinationIOManager(dg.IOManager):
             out[pk] = gens
         return out
 
-    def _record_partial_writes(self, context: dg.OutputContext, storage: Storage, keys_by_pk, recorded) -> None:
-        """After a failed write, keep the GCS generations of what was uploaded (an observation)."""
-        for pk, gens in self._generations_by_partition(storage, keys_by_pk, recorded).items():
-            if gens != recorded.get(pk, {}):
+    def _record_partial_writes(self, context: dg.OutputContext, storage: Storage, keys_by_pk, recorded,
+                               uploaded: dict[str, list[FileRecord]] | None = None) -> None:
+        """After a failed write, keep what was already uploaded as an asset observation: the paths
+        (so a later manifest lists them as superseded) and, on GCS, their generations (so the next
+        run's preconditions match)."""
+        generations = self._generations_by_partition(storage, keys_by_pk, recorded)
+        for pk in sorted(set(generations) | set(uploaded or {})):
+            metadata = {"reason": "write failed after some uploads; kept for the next run"}
+            if generations.get(pk, {}) != recorded.get(pk, {}):
+                metadata[GENERATIONS_KEY] = dg.MetadataValue.json({pk: generations[pk]})
+            if (uploaded or {}).get(pk):
+                metadata[FILES_KEY] = dg.MetadataValue.json({pk: [f.to_dict() for f in uploaded[pk]]})
+            if len(metadata) > 1:
                 _instance(context).report_runless_asset_event(
-                    dg.AssetObservation(
-                        asset_key=context.asset_key,
-                        partition=pk,
-                        metadata={GENERATIONS_KEY: dg.MetadataValue.json({pk: gens}),
-                                  "reason": "write failed after some uploads; generations kept for the next run"},
-                    )
+                    dg.AssetObservation(asset_key=context.asset_key, partition=pk, metadata=metadata)
                 )
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
@@ -187,12 +190,13 @@ class DestinationIOManager(dg.IOManager):
         for pk in sorted(batch.exports):
             prepared = batch.exports[pk]
             work = partition_dir(self.staging_root, self.job.name, pk) / "write" / prepared.event_type
+            uploaded: list[FileRecord] = []
             try:
-                written = write_export(prepared, self.job, storage, work)
+                written = write_export(prepared, self.job, storage, work, uploaded=uploaded)
             except Exception:
                 # object keys carry the partition (".../<day>/..." or ".../date=<day>/...")
                 keys_by_pk[pk] = [k for k in getattr(storage, "written", {}) if pk in k]
-                self._record_partial_writes(context, storage, keys_by_pk, recorded)
+                self._record_partial_writes(context, storage, keys_by_pk, recorded, {pk: uploaded})
                 raise
             files[pk] = [f.to_dict() for f in written.files]
             keys_by_pk[pk] = written.keys
@@ -207,7 +211,8 @@ class DestinationIOManager(dg.IOManager):
             }
         all_files = [f for pk in files for f in files[pk]]
         exclude = next(iter(batch.exports.values())).exclude_columns if batch.exports else self.job.filters.exclude_columns
-        if len(files) == 1 and all_files:
+        one_day = len(context.asset_partition_keys) == 1
+        if one_day and all_files:
             uri = storage.uri(self.layout.key(all_files[0]["path"]))
         else:
             uri = storage.uri(self.layout.root)
@@ -226,7 +231,7 @@ class DestinationIOManager(dg.IOManager):
             FAILED_KEY: dg.MetadataValue.json(batch.failed),
             FINGERPRINT_KEY: destination_fingerprint(self.job),
         }
-        if len(batch.exports) == 1 and not batch.failed:
+        if one_day and batch.exports:
             # Dagster gives every partition of a ranged output the same metadata, so the per-day
             # row count is only set for one-day outputs (ranges: see userpilot/counts per day).
             metadata["dagster/row_count"] = metadata["rows"]
@@ -267,7 +272,7 @@ class DestinationIOManager(dg.IOManager):
             FAILED_KEY: dg.MetadataValue.json(batch.failed),
             FINGERPRINT_KEY: destination_fingerprint(self.job),
         }
-        if len(manifests) == 1:
+        if len(context.asset_partition_keys) == 1 and len(manifests) == 1:
             metadata["dagster/row_count"] = metadata["rows"]
             metadata["dagster/uri"] = storage.uri(keys_by_pk[manifests[0]["partition"]][0])
             metadata["manifest"] = dg.MetadataValue.json(manifests[0])
@@ -277,13 +282,6 @@ class DestinationIOManager(dg.IOManager):
         if gens:
             metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)
         context.add_output_metadata(metadata)
-        if batch.failed:
-            raise UserpilotSyncError(
-                f"sync job {self.job.name!r}: {len(batch.failed)} partition(s) of this run failed and got no "
-                f"manifest (the other {len(manifests)} were exported completely):\n"
-                + "\n".join(f"  {pk}: " + msg.replace("\n", "\n    ") for pk, msg in sorted(batch.failed.items()))
-                + "\nFix the source data and re-run those partitions."
-            )
 
     # ------------------------------------------------------------------ definitions
     def _write_definitions(self, context: dg.OutputContext, lookups: LookupTables) -> None:

@@ -109,9 +109,14 @@ class _Guard:
                     if key.path[-1] == "definitions":
                         continue
                     records = context.instance.fetch_materializations(
-                        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[pk]), limit=1
+                        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[pk]), limit=1000
                     ).records
-                    if records and records[0].run_id != context.run_id:  # written by an earlier run
+                    written = [  # a failed or refused day of a range has a record but no files
+                        r for r in records
+                        if r.run_id != context.run_id
+                        and (metadata_value(r.asset_materialization, FILES_KEY) or {}).get(pk)
+                    ]
+                    if written:  # written by an earlier run
                         raise DestinationError(
                             f"sync job {job.name!r}, partition {pk}: this partition was exported before and "
                             f"destination.overwrite is 'refuse' (a roles/storage.objectCreator credential cannot "
@@ -308,13 +313,20 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
         kinds={"json", dest_kind},
         io_manager_key=destination_io_manager_key(job),
         automation_condition=automation,
+        check_specs=[
+            dg.AssetCheckSpec(
+                "all_days_exported",
+                asset=manifest_key,
+                description="Fails when a day of the run got no manifest (it broke the schema).",
+            )
+        ],
         tags={"userpilot_sync/role": "manifest"},
         **common,
     )
-    def manifest(context: dg.AssetExecutionContext) -> ManifestBatch:
+    def manifest(context: dg.AssetExecutionContext):
         partitions, refused = guard(context)
         instance = context.instance
-        manifests, failed = {}, dict(refused)
+        manifests, failed = {}, {}
         for partition in partitions:
             try:
                 manifests[partition] = _manifest_of(instance, partition, context.run_id)
@@ -323,8 +335,26 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
                     raise
                 failed[partition] = str(exc)
         if not manifests:
-            raise UserpilotSyncError("\n".join(failed[pk] for pk in sorted(failed)))
-        return ManifestBatch(manifests, failed)
+            raise UserpilotSyncError("\n".join({**refused, **failed}[pk] for pk in sorted({**refused, **failed})))
+        for pk, message in sorted(refused.items()):
+            context.log.warning(message)
+        # The output is handled (manifests written, metadata recorded per day) before anything
+        # below can fail the step, so the good days of a range keep their records.
+        yield dg.Output(ManifestBatch(manifests, {**refused, **failed}))
+        yield dg.AssetCheckResult(
+            check_name="all_days_exported",
+            passed=not failed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"failed": dg.MetadataValue.json(failed), "refused": dg.MetadataValue.json(refused),
+                      "exported": dg.MetadataValue.json(sorted(manifests))},
+        )
+        if failed:
+            raise UserpilotSyncError(
+                f"sync job {job.name!r}: {len(failed)} partition(s) of this run failed and got no manifest "
+                f"(the other {len(manifests)} were exported completely):\n"
+                + "\n".join(f"  {pk}: " + msg.replace("\n", "\n    ") for pk, msg in sorted(failed.items()))
+                + "\nFix the source data and re-run those partitions."
+            )
 
     def _manifest_of(instance: dg.DagsterInstance, partition: str, run_id: str) -> dict:
         files = []
@@ -351,9 +381,10 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
             filtered += int(counts.get("filtered_out", 0))
             export_runs[event_type] = records[0].run_id
         if bad:
+            messages = sorted(set(bad.values()))  # a day-level failure is shared by every export
             raise UserpilotSyncError(
-                f"sync job {job.name!r}, partition {partition}: export(s) {sorted(bad)} failed validation, so the "
-                f"partition gets no manifest:\n" + "\n".join(bad[et] for et in sorted(bad))
+                f"sync job {job.name!r}, partition {partition}: the day failed validation, so it gets no "
+                f"manifest:\n" + "\n".join(messages)
             )
         if missing:
             raise UserpilotSyncError(
@@ -363,6 +394,11 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
         raw = latest_materialization(instance, raw_key, partition)
         staged = (metadata_value(raw, STAGED_KEY) or {}).get(partition, {})
         source = dict(staged.get("source") or {})
+        day_from, day_to = day_window(parse_partition(partition))
+        if source.get("window_from") != day_from.isoformat() or source.get("window_to") != day_to.isoformat():
+            # a backfill range: one extraction covered several days
+            source["extraction_window"] = {"from": source.get("window_from"), "to": source.get("window_to")}
+        source.update(window_from=day_from.isoformat(), window_to=day_to.isoformat())
         source.update(
             source_rows=int(staged.get("source_rows", 0)),
             rows_outside_window=int(staged.get("rows_outside_window", 0)),
@@ -395,9 +431,14 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
                     dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1000
                 ).records
             )
+            events.extend(  # partial writes of failed steps (see DestinationIOManager)
+                instance.fetch_observations(
+                    dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1000
+                ).records
+            )
         paths: set[str] = set()
         for record in sorted(events, key=lambda r: r.storage_id):  # oldest first
-            mat = record.asset_materialization
+            mat = record.asset_materialization or record.asset_observation
             paths |= {f["path"] for f in (metadata_value(mat, FILES_KEY) or {}).get(partition, [])}
             paths |= set((metadata_value(mat, "superseded") or {}).get(partition, []))
             paths -= set((metadata_value(mat, "deleted") or {}).get(partition, []))

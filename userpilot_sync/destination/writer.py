@@ -32,8 +32,12 @@ class WrittenExport:
     keys: list[str]
 
 
-def write_export(prepared: PreparedExport, job: SyncJob, storage: Storage, work_dir: Path) -> WrittenExport:
+def write_export(prepared: PreparedExport, job: SyncJob, storage: Storage, work_dir: Path,
+                 uploaded: list[FileRecord] | None = None) -> WrittenExport:
     """Write ``prepared`` in each of ``job.formats`` and upload the parts. Returns the file records.
+
+    ``uploaded``, when given, receives each file's record as soon as its upload succeeded, so a
+    caller can record what a failed export already replaced.
 
     Raises DestinationError (from the storage) when an upload fails; parts already uploaded stay
     (they are replaced by the next export of the partition, and no manifest points at them).
@@ -73,6 +77,8 @@ def write_export(prepared: PreparedExport, job: SyncJob, storage: Storage, work_
                     )
                 )
                 keys.append(key)
+                if uploaded is not None:
+                    uploaded.append(files[-1])
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return WrittenExport(files=files, keys=keys)
