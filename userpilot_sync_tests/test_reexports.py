@@ -140,3 +140,37 @@ def test_gcs_partial_failure_keeps_generations_for_the_next_run(fake_gcs, tmp_pa
             assert len(names) == 8
     finally:
         proxy.close()
+
+
+def test_runs_of_one_partition_never_interleave(tmp_path, monkeypatch):
+    """Another process (a concurrent run) holds the partition's lock: the run waits, then refuses."""
+    import subprocess
+    import sys
+    import time
+
+    from userpilot_sync import staging
+
+    lock = tmp_path / "staging" / "demo" / ".locks" / f"{PK}.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(lock)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(staging, "PARTITION_LOCK_WAIT_S", 1.0)
+        job = make_job(tmp_path, source={"kind": "demo", "events_per_day": 300, "seed": 9})
+        defs = build_definitions([job], tmp_path / "staging")
+        with dg.instance_for_test() as instance:
+            started = time.monotonic()
+            result = _run(defs, instance)
+            assert not result.success and time.monotonic() - started >= 1.0
+            assert "another run is exporting this partition" in "\n".join(failure_messages(result))
+            assert not _folder(job).exists()
+            holder.kill()
+            holder.wait()
+            assert _run(defs, instance).success  # the lock is free once the other run is gone
+    finally:
+        holder.kill()

@@ -39,6 +39,7 @@ from userpilot_sync.errors import DestinationError, UserpilotSyncError, Validati
 from userpilot_sync.export import load_prepared, prepare_export
 from userpilot_sync.partitions import check_in_window, day_window, parse_partition
 from userpilot_sync.pipeline import extract_and_stage
+from userpilot_sync.staging import hold_partition_lock
 from userpilot_sync.scheduling import (
     DAILY_CRON,
     initial_backfill_partitions,
@@ -70,9 +71,10 @@ def run_tags(job: SyncJob, partition: str) -> dict[str, str]:
 class _Guard:
     """Checks every asset of a sync job runs before writing: enabled, in window, same destination."""
 
-    def __init__(self, job: SyncJob, destination_keys: list[dg.AssetKey]):
+    def __init__(self, job: SyncJob, destination_keys: list[dg.AssetKey], staging_root: Path):
         self.job = job
         self.destination_keys = destination_keys
+        self.staging_root = staging_root
 
     def __call__(self, context: dg.AssetExecutionContext) -> tuple[list[str], dict[str, str]]:
         """The run's partitions to export (one, or a backfill range) and the refused ones with why.
@@ -101,6 +103,9 @@ class _Guard:
                 refused[pk] = str(exc)
         if len(refused) == len(partitions):
             raise WindowError("\n".join(refused.values()))
+        for pk in partitions:
+            if pk not in refused:  # runs of one sync job and partition never interleave
+                hold_partition_lock(self.staging_root, job.name, pk, context.run_id)
         check_destination_unchanged(context.instance, job, self.destination_keys)
         dest = job.destination
         if dest.kind == "gcs" and dest.overwrite == "refuse":
@@ -132,7 +137,7 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
     raw_key = dg.AssetKey([job.name, "raw_events"])
     export_keys = {et: dg.AssetKey([job.name, et]) for et in job.event_types}
     manifest_key = dg.AssetKey([job.name, "manifest"])
-    guard = _Guard(job, [manifest_key, *export_keys.values()])
+    guard = _Guard(job, [manifest_key, *export_keys.values()], staging_root)
     owners = list(job.owners)
     dest_kind = job.destination.kind
     formats = sorted({f.format for f in job.formats})
