@@ -35,6 +35,7 @@ from userpilot_sync.defs.state import (
     metadata_value,
 )
 from userpilot_sync.destination.manifest import build_manifest
+from userpilot_sync.destination.superseded import superseded_paths
 from userpilot_sync.errors import DestinationError, UserpilotSyncError, ValidationError, WindowError
 from userpilot_sync.export import load_prepared, prepare_export
 from userpilot_sync.partitions import check_in_window, day_window, parse_partition
@@ -412,7 +413,7 @@ def build_sync_job_definitions(job: SyncJob, staging_root: Path) -> dg.Definitio
             filtered_out=filtered,
             export_runs=export_runs,
         )
-        superseded = sorted(set(_earlier_paths(instance, partition)) - {f.path for f in files})
+        superseded = superseded_paths(_earlier_paths(instance, partition), files)
         allow_deletes = bool(getattr(job.destination, "allow_deletes", False))
         start, end = day_window(parse_partition(partition))
         return build_manifest(

@@ -5,8 +5,8 @@ keys, but may produce fewer files than before: fewer parts after ``max_file_rows
 ``max_file_bytes`` changed, a dropped format, an event type filtered out. Those old files are
 named in the new manifest's ``superseded`` list and deleted only when the sync job sets
 ``destination.allow_deletes`` (which then needs the delete permission). The previous file list
-comes from the Dagster instance (the last manifest recorded for the partition), never from the
-bucket.
+comes from the Dagster instance (every export, manifest and partial-write record of the
+partition), never from the bucket.
 """
 
 from __future__ import annotations
