@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT := false
 
-.PHONY: install run ui test check bench clean
+.PHONY: install run ui test test-fast check bench clean
 
 # Create .venv from the lock file (uv is installed from PyPI when missing).
 $(BIN)/.installed: pyproject.toml uv.lock
@@ -30,6 +30,10 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 # The whole test suite (starts its own local S3, GCS, Export API and Dagster servers).
 test: install
 	$(BIN)/python -m pytest -q
+
+# The fast lane: no servers, no dagster dev, no kill -9 (markers integration and faults left out).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration and not faults"
 
 # dg's own check that the definitions load.
 check: install

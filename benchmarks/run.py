@@ -231,7 +231,6 @@ def bench_backfill(days: int, events_per_day: int, days_per_run: int | None, kee
         f"source: {{kind: demo, events_per_day: {events_per_day}, seed: {SEED}}}\n"
         f"destination: {{kind: local, path: {json.dumps(str(exports))}, prefix: userpilot_events}}\n"
         "formats: [{format: parquet, compression: zstd}]\n"
-        f"partitions_start: {today - timedelta(days=400)}\n"
         f"{per_run}schedules_running: false\nbackfill_days: 0\n"
     )
     port = _free_port()
@@ -265,6 +264,15 @@ def bench_backfill(days: int, events_per_day: int, days_per_run: int | None, kee
         selection = [{"path": n["assetKey"]["path"]} for n in nodes
                      if n["isPartitioned"] and n["assetKey"]["path"][0] == "bench"]
         keys = [(first + timedelta(days=i)).isoformat() for i in range(days)]
+        # the partitions are the window, added by the userpilot_partition_window sensor at daemon start
+        while True:
+            listed = _gql(url, """{ assetNodeOrError(assetKey: {path: ["bench", "track"]}) { ... on AssetNode {
+                                     partitionKeysByDimension { partitionKeys } } } }""")["assetNodeOrError"]
+            if set(keys) <= set(listed["partitionKeysByDimension"][0]["partitionKeys"]):
+                break
+            if time.monotonic() > deadline + 120:
+                raise TimeoutError("the partition window sensor did not add the backfill's days")
+            time.sleep(1)
         sampler.start()
         t0 = time.perf_counter()
         launched = _gql(

@@ -2,9 +2,11 @@
 
     python -m userpilot_sync.cli sync [--job NAME] [--days N | --partition YYYY-MM-DD ... | --from D --to D]
 
-Each partition is one Dagster run (a --from/--to backfill: one run per backfill_days_per_run days) (the sync job's asset job) recorded in the Dagster instance
-of ``$DAGSTER_HOME`` (``make run`` uses ``.dagster_home/`` in the project folder), so the UI shows
-the same history. Prints the exported files and the newest manifest; exits 1 if a run failed.
+Each partition is one run of the sync job's asset job (a --from/--to backfill: one run per
+``backfill_days_per_run`` days, one extraction each), recorded in the Dagster instance of
+``$DAGSTER_HOME`` (``make run`` uses ``.dagster_home/`` in the project folder), so the UI shows the
+same history. Prints one line per run (its failure's one-line cause on stderr), the exported files
+and the newest manifest; exits 1 if a run failed, 2 for bad arguments or sync-job files.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from pathlib import Path
 import dagster as dg
 
 from userpilot_sync.config.loader import load_sync_jobs
+from userpilot_sync.defs.automation import backfill_ranges
+from userpilot_sync.defs.keys import SyncJobKeys
+from userpilot_sync.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, sync_window_partitions
 from userpilot_sync.defs.project import build_definitions
-from userpilot_sync.defs.sync_job import run_tags
-from userpilot_sync.destination.writer import layout_for
+from userpilot_sync.defs.recovery import recover_dead_runs
+from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.errors import UserpilotSyncError, WindowError
 from userpilot_sync.partitions import check_in_window, last_complete_days, parse_partition, window_bounds
 
@@ -47,9 +52,8 @@ def _ranges(job, args) -> list[tuple[date, date]]:
         end = parse_partition(args.range_to or args.range_from)
         if end < start:
             raise ValueError(f"--to {end.isoformat()} is before --from {start.isoformat()}")
-        days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
-        step = job.backfill_days_per_run
-        ranges = [(days[i], days[min(i + step, len(days)) - 1]) for i in range(0, len(days), step)]
+        days = [(start + timedelta(days=i)).isoformat() for i in range((end - start).days + 1)]
+        ranges = [(parse_partition(a), parse_partition(b)) for a, b in backfill_ranges(days, job.backfill_days_per_run)]
     else:
         if args.days < 1 and not args.partition:
             raise ValueError("--days must be at least 1")
@@ -65,7 +69,7 @@ def _ranges(job, args) -> list[tuple[date, date]]:
         for first, _ in ranges:
             check_in_window(job.name, first)  # single days: refuse up front with the window message
     for first, _ in ranges:
-        if first < job.partitions_start:
+        if job.partitions_start is not None and first < job.partitions_start:
             raise ValueError(
                 f"sync job {job.name!r}: partition {first.isoformat()} is before partitions_start "
                 f"{job.partitions_start.isoformat()}"
@@ -74,16 +78,31 @@ def _ranges(job, args) -> list[tuple[date, date]]:
 
 
 def failure_messages(result) -> list[str]:
-    """The root-cause messages of a run's failed steps ("<step>: <message>")."""
+    """The one-line causes of a run's failed steps (a ``dg.Failure``'s description, else the root error)."""
     messages = []
     for event in result.all_events:
         if not event.is_step_failure:
             continue
-        error = event.step_failure_data.error
+        data = event.step_failure_data
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            messages.append(data.user_failure_data.description.strip())
+            continue
+        error = data.error
         while error.cause is not None:
             error = error.cause
-        messages.append(f"{event.step_key}: {error.message.strip()}")
+        messages.append(error.message.strip())
     return messages
+
+
+def config_problem(job, exc: Exception) -> str:
+    """One sentence for a run Dagster refused before it started (e.g. an unset secret variable)."""
+    import re
+
+    match = re.search(r'environment variable "([^"]+)"', str(exc))
+    if match:
+        return (f"the environment variable {match.group(1)} is not set (a secret of sync job {job.name!r}, "
+                f"read through dg.EnvVar); set it and run again. Nothing was run.")
+    return str(exc).strip().splitlines()[0]
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -103,35 +122,48 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     defs = build_definitions(jobs)
-    job_def = defs.resolve_job_def(f"{job.name}_sync")
+    keys = SyncJobKeys(job)
+    job_def = defs.resolve_job_def(keys.sync_job_name)
     failed = []
     with dg.DagsterInstance.get() as instance:
+        recovered = recover_dead_runs(instance, pools=[job.pool])
+        if recovered.failed_runs or recovered.freed_slots_of:
+            print(f"sync job {job.name}: recovered from dead runs: {recovered.summary()}", file=sys.stderr)
+        sync_window_partitions(instance, keys)
         for first, last in ranges:
             label = first.isoformat() if first == last else f"{first.isoformat()}...{last.isoformat()}"
-            tags = dict(run_tags(job, label))
-            if first == last:
-                result = job_def.execute_in_process(
-                    partition_key=first.isoformat(), instance=instance, tags=tags, raise_on_error=False,
-                    run_config=QUIET,
-                )
-            else:
-                tags.update({"dagster/asset_partition_range_start": first.isoformat(),
-                             "dagster/asset_partition_range_end": last.isoformat()})
-                result = job_def.execute_in_process(instance=instance, tags=tags, raise_on_error=False, run_config=QUIET)
+            tags = keys.run_tags("cli")
+            try:
+                if first == last:
+                    result = job_def.execute_in_process(
+                        partition_key=first.isoformat(), instance=instance, tags=tags, raise_on_error=False,
+                        run_config=QUIET,
+                    )
+                else:
+                    tags.update({RANGE_START_TAG: first.isoformat(), RANGE_END_TAG: last.isoformat()})
+                    result = job_def.execute_in_process(instance=instance, tags=tags, raise_on_error=False,
+                                                        run_config=QUIET)
+            except dg.DagsterInvalidConfigError as exc:
+                print(f"sync job {job.name}: partition {label} REFUSED before the run started: "
+                      f"{config_problem(job, exc)}", file=sys.stderr)
+                failed.append(label)
+                break
             status = "ok" if result.success else "FAILED"
             print(f"sync job {job.name}: partition {label} {status} (run {result.run_id})", flush=True)
             if not result.success:
                 failed.append(label)
                 for message in failure_messages(result):
-                    print(f"    {message}", file=sys.stderr)
+                    print("    " + message.replace("\n", "\n    "), file=sys.stderr)
     if job.source.kind in ("demo", "export_api") and not failed:
         with dg.DagsterInstance.get() as instance:
-            result = defs.resolve_job_def(f"{job.name}_definitions_refresh").execute_in_process(
-                instance=instance, raise_on_error=False, run_config=QUIET
+            result = defs.resolve_job_def(keys.lookups_job_name).execute_in_process(
+                instance=instance, raise_on_error=False, run_config=QUIET, tags=keys.run_tags("cli")
             )
-        print(f"sync job {job.name}: definitions {'ok' if result.success else 'FAILED'} (run {result.run_id})")
+        print(f"sync job {job.name}: lookups {'ok' if result.success else 'FAILED'} (run {result.run_id})")
         if not result.success:
-            failed.append("definitions")
+            failed.append("lookups")
+            for message in failure_messages(result):
+                print("    " + message.replace("\n", "\n    "), file=sys.stderr)
     if job.destination.kind == "local":
         root = Path(job.destination.path) / layout_for(job).root
         print(f"\nExported files under {root}:")

@@ -60,3 +60,18 @@ def last_complete_days(n: int, now: datetime | None = None) -> list[date]:
     """The last ``n`` complete UTC days, oldest first."""
     today = utc_today(now)
     return [today - timedelta(days=i) for i in range(n, 0, -1)]
+
+
+def window_partition_keys(now: datetime | None = None, start: date | None = None) -> list[str]:
+    """Partition keys a run at ``now`` may export, oldest first: [today - 365, today - 1] UTC,
+    no earlier than ``start`` (a sync job's ``partitions_start``) when given."""
+    oldest, newest = window_bounds(now)
+    if start is not None:
+        oldest = max(oldest, start)
+    return [(oldest + timedelta(days=i)).isoformat() for i in range((newest - oldest).days + 1)]
+
+
+def consecutive_days(keys: list[str]) -> bool:
+    """True when ``keys`` are consecutive UTC days in ascending order (a valid backfill range)."""
+    days = [parse_partition(k) for k in keys]
+    return all((b - a).days == 1 for a, b in zip(days, days[1:]))

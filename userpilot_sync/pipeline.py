@@ -1,7 +1,11 @@
-"""One partition end to end without Dagster: stage -> prepare each export -> write -> manifest.
+"""The steps of exporting one partition, and one partition end to end without Dagster.
 
-The Dagster assets (``defs/``) run the same steps as separate assets; this function chains them
-for tests, benchmarks and scripts. Order of writes: every data file, then the manifest.
+Steps (each a function here, used by the Dagster assets in ``defs/`` and by
+:func:`sync_partition`): :func:`extract_and_stage` (source -> staged days), :func:`prepare_day`
+(every event type of a day filtered, de-duplicated, ordered and validated before anything
+uploads), writing (``destination/writer.py``), and :func:`manifest_for` — the one builder of a
+day's manifest, whatever path exported the day. Order of writes: every data file, then the
+manifest.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
+from typing import Iterable
 
 from userpilot_sync.config.model import SyncJob
 from userpilot_sync.destination.factory import build_storage
 from userpilot_sync.destination.manifest import FileRecord, build_manifest
 from userpilot_sync.destination.storage import Storage
 from userpilot_sync.destination.writer import write_export, write_manifest
+from userpilot_sync.errors import ValidationError
 from userpilot_sync.export import PreparedExport, prepare_export
 from userpilot_sync.partitions import check_in_window, day_window, parse_partition
 from userpilot_sync.source.base import EventSource, ExtractRequest
@@ -33,8 +39,14 @@ class PartitionResult:
     files: list[FileRecord]
 
 
-def extract_and_stage(job: SyncJob, days: list[date], staging_root: Path, source: EventSource | None = None) -> dict[str, StagedDay]:
-    """Extract [first day, last day + 1) from the job's source and stage it per day."""
+def extract_and_stage(job: SyncJob, days: list[date], staging_root: Path,
+                      source: EventSource | None = None) -> dict[str, StagedDay]:
+    """Extract [first day 00:00, last day + 1 00:00) UTC from the job's source and stage it per day.
+
+    ``days`` are consecutive UTC days. Returns the staged days by partition key (a day that broke
+    the schema while staging carries ``error``). Raises SourceError / ValidationError (one-day
+    extractions) naming the sync job and partition.
+    """
     source = source or build_source(job)
     start, _ = day_window(days[0])
     _, end = day_window(days[-1])
@@ -50,11 +62,35 @@ def extract_and_stage(job: SyncJob, days: list[date], staging_root: Path, source
         shutil.rmtree(work, ignore_errors=True)
 
 
-def manifest_for(job: SyncJob, staged: StagedDay, prepared: list[PreparedExport], files: list[FileRecord],
-                 run_id: str, superseded: list[str] = (), deleted: list[str] = ()) -> dict:
-    """Build the manifest of a partition from its staging record and written exports."""
+def prepare_day(job: SyncJob, staged: StagedDay) -> dict[str, PreparedExport]:
+    """Prepare every event type of one staged day (filters, duplicates, order, pandera validation).
+
+    Returns the prepared exports by event type, in the sync job's event-type order; each is a
+    handle to validated Arrow IPC files under ``<staged day>/prepared/<event_type>/``. Raises
+    ValidationError (naming sync job, partition, event type, column and samples) when any event
+    type breaks the Userpilot Event Schema, or when the day already failed while staging: the
+    whole day is then refused before anything of it uploads.
+    """
+    if staged.error:
+        raise ValidationError(staged.error)
+    return {et: prepare_export(staged, job, et, staged.root / "prepared" / et) for et in job.event_types}
+
+
+def manifest_for(job: SyncJob, staged: StagedDay, prepared: Iterable[PreparedExport], files: Iterable[FileRecord],
+                 run_id: str, superseded: Iterable[str] = (), deleted: Iterable[str] = ()) -> dict:
+    """The manifest of one partition, from its staging record and its written exports.
+
+    The one builder of manifests (the Dagster assets and :func:`sync_partition` both use it).
+    ``source`` carries the source facts of the extraction; when one extraction covered several
+    days (a backfill range) its window is kept as ``source.extraction_window`` and
+    ``window_from``/``window_to`` are the day's own. See ``destination/manifest.py`` for the fields.
+    """
+    prepared = list(prepared)
     start, end = day_window(parse_partition(staged.partition))
     source = dict(staged.source)
+    if source.get("window_from") not in (None, start.isoformat()) or source.get("window_to") not in (None, end.isoformat()):
+        source["extraction_window"] = {"from": source.get("window_from"), "to": source.get("window_to")}
+    source.update(window_from=start.isoformat(), window_to=end.isoformat())
     source.update(
         source_rows=staged.rows_received,
         rows_outside_window=staged.rows_outside_window,
@@ -90,12 +126,10 @@ def sync_partition(
     check_in_window(job.name, day, now)
     storage = storage or build_storage(job)
     staged = extract_and_stage(job, [day], staging_root, source)[partition]
-    prepared: list[PreparedExport] = []
-    for event_type in job.event_types:
-        prepared.append(prepare_export(staged, job, event_type, staged.root / "prepared" / event_type))
+    prepared = prepare_day(job, staged)
     files: list[FileRecord] = []
-    for p in prepared:
+    for p in prepared.values():
         files.extend(write_export(p, job, storage, staged.root / "write" / p.event_type).files)
-    manifest = manifest_for(job, staged, prepared, files, run_id)
+    manifest = manifest_for(job, staged, prepared.values(), files, run_id)
     key = write_manifest(manifest, job, storage)
     return PartitionResult(manifest=manifest, manifest_key=key, files=files)

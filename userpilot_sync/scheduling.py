@@ -37,7 +37,8 @@ def sync_back_cron(job: SyncJob) -> str | None:
 
 def _clip(job: SyncJob, days: list[date], tick: datetime) -> list[str]:
     oldest, newest = window_bounds(tick)
-    oldest = max(oldest, job.partitions_start)
+    if job.partitions_start is not None:
+        oldest = max(oldest, job.partitions_start)
     return [d.isoformat() for d in days if oldest <= d <= newest]
 
 

@@ -297,9 +297,12 @@ def stage_days(
             for batch in group:
                 stage(*normalized(batch.data, batch.where), batch.where)
         writers.close()
-    except BaseException:
+    except BaseException as exc:
         writers.close()
         shutil.rmtree(tmp_root, ignore_errors=True)
+        if isinstance(exc, SourceError) and "sync job " not in str(exc):
+            # chunk readers name the file; the sync job and the partition(s) are added here
+            raise SourceError(f"sync job {sync_job!r}, partition {label}: {exc}") from None
         raise
 
     staged: dict[str, StagedDay] = {}
@@ -342,52 +345,3 @@ def remove_staged(root: Path, sync_job: str, partition: str) -> bool:
         shutil.rmtree(folder)
         return True
     return False
-
-
-# ---------------------------------------------------------------------------------- partition locks
-#: How long a run waits for another run of the same sync job and partition (seconds).
-PARTITION_LOCK_WAIT_S = 1800.0
-_HELD_LOCKS: dict[str, tuple[str, int]] = {}
-
-
-def hold_partition_lock(root: Path, sync_job: str, partition: str, owner: str,
-                        wait_s: float | None = None, poll_s: float = 1.0) -> None:
-    """Hold an exclusive lock on (sync job, partition) for ``owner`` (a run id) in this process.
-
-    Runs of one sync job and partition must never interleave (they share the staged day and
-    replace the same objects). The lock is an OS file lock under the staging root
-    (``<root>/<job>/.locks/<day>.lock``), released when the owning process exits or when this
-    process takes the lock for another owner (runs executed one after another in-process). Waits
-    up to ``wait_s`` seconds (default PARTITION_LOCK_WAIT_S), then raises UserpilotSyncError.
-    """
-    import fcntl
-    import os
-    import time
-
-    from userpilot_sync.errors import UserpilotSyncError
-
-    folder = Path(root) / sync_job / ".locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = str(folder / f"{partition}.lock")
-    held = _HELD_LOCKS.get(path)
-    if held and held[0] == owner:
-        return
-    if held:  # an earlier run of this process (finished: in-process runs are sequential)
-        os.close(held[1])
-        del _HELD_LOCKS[path]
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    deadline = time.monotonic() + (PARTITION_LOCK_WAIT_S if wait_s is None else wait_s)
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise UserpilotSyncError(
-                    f"sync job {sync_job!r}, partition {partition}: another run is exporting this partition; "
-                    f"waited {wait_s if wait_s is not None else PARTITION_LOCK_WAIT_S:.0f} s. Retry when it has "
-                    f"finished (runs of one partition never interleave). Nothing was written."
-                ) from None
-            time.sleep(poll_s)
-    _HELD_LOCKS[path] = (owner, fd)

@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from userpilot_sync.config.model import SyncJob
-from userpilot_sync.destination.writer import layout_for
+from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.emulator import ExportApiEmulator
 from userpilot_sync.source.export_api import ExportApiSource
 from userpilot_sync_tests.fixtures_core import PARTITION, make_job

@@ -37,3 +37,64 @@ def demo_job(tmp_path: Path) -> SyncJob:
 @pytest.fixture
 def staging_root(tmp_path: Path) -> Path:
     return tmp_path / "staging"
+
+
+def run_sync(defs, instance, first: str, last: str | None = None, *, job_name: str = "demo_sync", **kwargs):
+    """Run a sync job's asset job for one day (``first``) or a range of days (``first``..``last``).
+
+    Makes sure the days exist as partitions first (the partition-window sensor does this in a
+    deployment). Returns the execution result (``raise_on_error=False``).
+    """
+    import dagster as dg
+
+    from userpilot_sync.defs.keys import SyncJobKeys
+    from userpilot_sync.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, sync_window_partitions
+
+    job_def = defs.resolve_job_def(job_name)
+    sync_job = _sync_job_of(defs, job_name)
+    sync_window_partitions(instance, SyncJobKeys(sync_job))
+    tags = dict(kwargs.pop("tags", {}) or {})
+    if last is None or last == first:
+        return job_def.execute_in_process(partition_key=first, instance=instance, raise_on_error=False, tags=tags,
+                                          **kwargs)
+    tags.update({RANGE_START_TAG: first, RANGE_END_TAG: last})
+    return job_def.execute_in_process(instance=instance, raise_on_error=False, tags=tags, **kwargs)
+
+
+def _sync_job_of(defs, job_name: str):
+    """The SyncJob behind ``<name>_sync`` (read from its source resource)."""
+    name = job_name.removesuffix("_sync")
+    resource = defs.resources[f"userpilot_source_{name}"]
+    return resource.job
+
+
+def cli_env(tmp_path: Path, events_per_day: int = 500) -> dict[str, str]:
+    """Environment for running the project's commands in a subprocess: a fresh ``DAGSTER_HOME``
+    (``deploy/dagster.yaml``), the shipped demo sync job writing to ``tmp_path/exports`` with
+    ``events_per_day`` events, staging under ``tmp_path/staging``."""
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((repo / "deploy" / "dagster.yaml").read_text())
+    jobs = tmp_path / "sync_jobs"
+    jobs.mkdir()
+    demo = (repo / "sync_jobs" / "demo.yaml").read_text().replace("path: exports", f"path: {tmp_path / 'exports'}")
+    (jobs / "demo.yaml").write_text(demo.replace("events_per_day: 5000", f"events_per_day: {events_per_day}"))
+    return dict(os.environ, DAGSTER_HOME=str(home), USERPILOT_SYNC_JOBS_DIR=str(jobs),
+                USERPILOT_SYNC_STAGING_DIR=str(tmp_path / "staging"))
+
+
+def check_evaluations(instance, key, name: str) -> dict:
+    """The newest evaluation of check ``name`` of asset ``key`` per day (planned-but-not-evaluated
+    records are skipped): ``{partition: AssetCheckEvaluation}``."""
+    import dagster as dg
+
+    records = instance.event_log_storage.get_asset_check_execution_history(dg.AssetCheckKey(key, name), limit=100)
+    newest = {}
+    for record in records:  # newest first
+        data = record.event.dagster_event.event_specific_data if record.event else None
+        if isinstance(data, dg.AssetCheckEvaluation):
+            newest.setdefault(data.partition, data)
+    return newest

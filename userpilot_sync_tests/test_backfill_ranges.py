@@ -3,52 +3,69 @@
 from __future__ import annotations
 
 import json
+from datetime import date, timedelta
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from userpilot_sync.cli import failure_messages
+from userpilot_sync.defs.keys import SyncJobKeys
 from userpilot_sync.defs.project import build_definitions
 from userpilot_sync.partitions import day_window, last_complete_days
 from userpilot_sync.source.demo import DemoSource
-from userpilot_sync_tests.fixtures_core import make_job
+from userpilot_sync_tests.fixtures_core import check_evaluations, make_job, run_sync
 
 DAYS = [d.isoformat() for d in last_complete_days(4)[:3]]
-
-
-def _range_run(defs, instance, start, end):
-    return defs.resolve_job_def("demo_sync").execute_in_process(
-        instance=instance, raise_on_error=False,
-        tags={"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end},
-    )
 
 
 def _manifest(job, pk) -> Path:
     return Path(job.destination.path) / "userpilot_events" / job.sync_folder / pk / "_manifest.json"
 
 
+def _latest(instance, key: dg.AssetKey, pk: str):
+    """The newest materialization record of ``key`` for day ``pk``."""
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[pk]), limit=1).records
+    assert records, (key, pk)
+    return records[0]
+
+
 def test_range_run_exports_each_day_with_its_own_manifest(tmp_path):
     job = make_job(tmp_path, source={"kind": "demo", "events_per_day": 800, "seed": 5})
+    keys = SyncJobKeys(job)
     defs = build_definitions([job], tmp_path / "staging")
-    assert defs.resolve_assets_def(dg.AssetKey(["demo", "track"])).backfill_policy == dg.BackfillPolicy.multi_run(31)
+    assert defs.resolve_assets_def(keys.export("track")).backfill_policy == dg.BackfillPolicy.multi_run(31)
     with dg.instance_for_test() as instance:
-        result = _range_run(defs, instance, DAYS[0], DAYS[-1])
+        result = run_sync(defs, instance, DAYS[0], DAYS[-1])
         assert result.success, failure_messages(result)
+        assert len(instance.get_runs()) == 1
         # one materialization per day per asset, all in one run
-        track = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(["demo", "track"])]
-        assert sorted(e.partition for e in track) == DAYS
+        for key in keys.day_assets:
+            events = [e for e in result.get_asset_materialization_events() if e.asset_key == key]
+            assert sorted(e.partition for e in events) == DAYS, key
         for pk in DAYS:
             doc = json.loads(_manifest(job, pk).read_text())
-            expected = DemoSource(job.app_token, 800, 5).expected_counts(__import__("datetime").date.fromisoformat(pk))
-            assert doc["event_types"] == dict(sorted(expected.items(), key=lambda kv: kv[0])) or doc["event_types"] == {
-                et: expected[et] for et in doc["event_types"]
-            }
+            expected = DemoSource(job.app_token, 800, 5).expected_counts(date.fromisoformat(pk))
+            assert doc["partition"] == pk
+            assert doc["event_types"] == {et: expected[et] for et in job.event_types}
             assert all(f["path"].startswith(pk) for f in doc["files"])
             # one extraction covered the whole range; the manifest's window is the day's own
             assert doc["source"]["extraction_window"]["from"].startswith(DAYS[0])
+            assert doc["source"]["extraction_window"]["to"].startswith(
+                (date.fromisoformat(DAYS[-1]) + timedelta(days=1)).isoformat())
             assert doc["source"]["window_from"].startswith(pk) and doc["window"]["from"].startswith(pk)
             assert doc["run_id"] == result.run_id
+            # each day's records carry that day's own figures (not the range's)
+            track = _latest(instance, keys.export("track"), pk).asset_materialization.metadata
+            assert track["dagster/row_count"].value == doc["event_types"]["track"]
+            assert track["dagster/uri"].value.endswith(f"/{pk}/track.parquet")
+            assert [f["path"] for f in track["userpilot/files"].value] == [f"{pk}/track.parquet"]
+            manifest_md = _latest(instance, keys.manifest, pk).asset_materialization.metadata
+            assert manifest_md["userpilot/status"].value == "exported"
+            assert manifest_md["dagster/row_count"].value == sum(doc["event_types"].values()) == 800
+            assert manifest_md["dagster/uri"].value == _manifest(job, pk).as_uri()
+        exported = check_evaluations(instance, keys.manifest, "day_exported")
+        assert sorted(exported) == DAYS and all(e.passed for e in exported.values())
 
 
 def test_bad_day_in_a_range_does_not_cost_the_good_days(tmp_path):
@@ -56,7 +73,7 @@ def test_bad_day_in_a_range_does_not_cost_the_good_days(tmp_path):
     folder.mkdir()
     src = DemoSource("NX-demo0001", 600, 5)
     for pk in DAYS:
-        start, end = day_window(__import__("datetime").date.fromisoformat(pk))
+        start, end = day_window(date.fromisoformat(pk))
         frame = pl.concat([pl.from_arrow(t) for t in src.iter_blocks(start, end)])
         if pk == DAYS[1]:  # a malformed interaction name on the middle day
             frame = frame.with_columns(
@@ -64,26 +81,42 @@ def test_bad_day_in_a_range_does_not_cost_the_good_days(tmp_path):
             )
         frame.write_parquet(folder / f"export-{pk}.parquet")
     job = make_job(tmp_path, source={"kind": "files", "path": str(folder)})
+    keys = SyncJobKeys(job)
     defs = build_definitions([job], tmp_path / "staging")
     with dg.instance_for_test() as instance:
-        result = _range_run(defs, instance, DAYS[0], DAYS[-1])
+        result = run_sync(defs, instance, DAYS[0], DAYS[-1])
         assert not result.success
-        text = "\n".join(failure_messages(result))
-        assert DAYS[1] in text and "got no manifest" in text and "event_name" in text
+        [text] = failure_messages(result)
+        first_line, *rest = text.splitlines()
+        assert first_line.startswith("sync job 'demo': 1 of 3 partition(s) failed and got no manifest")
+        assert "the other 2 were exported completely" in first_line
+        assert rest[0].startswith(f"  {DAYS[1]}: ") and "event_name" in text
+        assert DAYS[0] not in "\n".join(rest) and DAYS[2] not in "\n".join(rest)
         assert _manifest(job, DAYS[0]).exists() and _manifest(job, DAYS[2]).exists()
-        # the good days keep their manifest records in the instance; the check names the bad day
-        recorded = {
-            r.partition_key
-            for r in instance.fetch_materializations(dg.AssetKey(["demo", "manifest"]), limit=10).records
-        }
-        assert recorded == set(DAYS)  # Dagster records every day of a ranged output ...
-        manifest_mat = instance.fetch_materializations(dg.AssetKey(["demo", "manifest"]), limit=1).records[0]
-        assert set(manifest_mat.asset_materialization.metadata["userpilot/files"].value) == {DAYS[0], DAYS[2]}
-        check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "all_days_exported")
-        assert not check.passed and set(check.metadata["failed"].value) == {DAYS[1]}
         assert not _manifest(job, DAYS[1]).exists()
+        assert not (_manifest(job, DAYS[1]).parent).exists()  # nothing of the bad day was written
+        # every day gets its own record: the good days exported with their files, the bad day failed
+        for key in keys.day_assets:
+            for pk in (DAYS[0], DAYS[2]):
+                md = _latest(instance, key, pk).asset_materialization.metadata
+                assert md["userpilot/status"].value == "exported", (key, pk)
+            bad = _latest(instance, key, DAYS[1]).asset_materialization.metadata
+            assert bad["userpilot/status"].value == "failed", key
+            assert "event_name" in str(bad["reason"].value), key
+            assert not (bad["userpilot/files"].value if "userpilot/files" in bad else [])
+        for pk in (DAYS[0], DAYS[2]):
+            files = _latest(instance, keys.manifest, pk).asset_materialization.metadata["userpilot/files"].value
+            assert files and all(f["path"].startswith(f"{pk}/") for f in files)
+        # the day_exported check: passed for each good day, failed for the bad day (with why)
+        exported = check_evaluations(instance, keys.manifest, "day_exported")
+        assert set(exported) == set(DAYS)
+        assert exported[DAYS[0]].passed and exported[DAYS[2]].passed
+        assert not exported[DAYS[1]].passed and exported[DAYS[1]].severity == dg.AssetCheckSeverity.ERROR
+        assert "event_name" in exported[DAYS[1]].metadata["reason"].value
+        assert exported[DAYS[1]].metadata["rows"].value == 0
         good = json.loads(_manifest(job, DAYS[2]).read_text())
         assert good["event_types"]["interaction"] > 0
+        assert exported[DAYS[2]].metadata["rows"].value == sum(good["event_types"].values())
 
 
 def test_connection_check_job_writes_a_marker(tmp_path):
@@ -92,5 +125,6 @@ def test_connection_check_job_writes_a_marker(tmp_path):
     with dg.instance_for_test() as instance:
         result = defs.resolve_job_def("demo_check_destination").execute_in_process(instance=instance)
         assert result.success
+        assert instance.get_run_by_id(result.run_id).tags["userpilot_sync/sync_job"] == "demo"
     marker = Path(job.destination.path) / "userpilot_events" / job.sync_folder / "_userpilot_sync_check" / "demo.json"
     assert json.loads(marker.read_text())["sync_job"] == "demo"

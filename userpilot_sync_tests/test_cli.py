@@ -6,13 +6,18 @@ import json
 import shutil
 from pathlib import Path
 
+import dagster as dg
+import pytest
+
 from userpilot_sync import cli
 from userpilot_sync.partitions import last_complete_days
 
 REPO = Path(__file__).resolve().parents[1]
+SYNC_FOLDER = "userpilot_datasync_10001_NX-demo0001"
 
 
-def test_cli_backfill_range_and_days(tmp_path, monkeypatch, capsys):
+def _setup(tmp_path: Path, monkeypatch, extra: str = "", **replace: str) -> Path:
+    """A DAGSTER_HOME with the deploy instance settings and a small demo sync job; returns the export root."""
     home = tmp_path / "home"
     home.mkdir()
     shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
@@ -20,29 +25,81 @@ def test_cli_backfill_range_and_days(tmp_path, monkeypatch, capsys):
     jobs.mkdir()
     text = (REPO / "sync_jobs" / "demo.yaml").read_text()
     text = text.replace("path: exports", f"path: {tmp_path / 'exports'}").replace("events_per_day: 5000", "events_per_day: 400")
-    (jobs / "demo.yaml").write_text(text + "backfill_days_per_run: 2\n")
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    (jobs / "demo.yaml").write_text(text + extra)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("USERPILOT_SYNC_JOBS_DIR", str(jobs))
     monkeypatch.setenv("USERPILOT_SYNC_STAGING_DIR", str(tmp_path / "staging"))
+    return tmp_path / "exports" / "userpilot_events" / SYNC_FOLDER
+
+
+def test_cli_backfill_range_and_days(tmp_path, monkeypatch, capsys):
+    root = _setup(tmp_path, monkeypatch, extra="backfill_days_per_run: 2\n")
     days = [d.isoformat() for d in last_complete_days(3)]
     assert cli.main(["sync", "--job", "demo", "--from", days[0], "--to", days[2]]) == 0
     out = capsys.readouterr().out
     # 3 days with 2 days per run -> two runs: a 2-day range and a single day
     assert f"partition {days[0]}...{days[1]} ok" in out and f"partition {days[2]} ok" in out
-    root = tmp_path / "exports" / "userpilot_events" / "userpilot_datasync_10001_NX-demo0001"
+    assert "sync job demo: lookups ok" in out
     for pk in days:
         manifest = json.loads((root / pk / "_manifest.json").read_text())
         assert manifest["partition"] == pk and sum(manifest["event_types"].values()) == 400
-    assert "Newest manifest" in out and (root / "definitions" / "flows.parquet").exists()
+    assert "Newest manifest" in out and f'"partition": "{days[2]}"' in out
+    assert (root / "lookups" / "flows.parquet").exists() and not (root / "definitions").exists()
+    # the runs are in the persistent instance, tagged with the sync job and the trigger
+    with dg.DagsterInstance.get() as instance:
+        runs = list(reversed(instance.get_runs()))  # oldest first
+        assert [r.job_name for r in runs] == ["demo_sync", "demo_sync", "demo_lookups_refresh"]
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        assert all(r.tags["userpilot_sync/sync_job"] == "demo" and r.tags["userpilot_sync/trigger"] == "cli"
+                   for r in runs)
+        ranged, single = runs[0].tags, runs[1].tags
+        assert (ranged["dagster/asset_partition_range_start"], ranged["dagster/asset_partition_range_end"]) == (
+            days[0], days[1])
+        assert single["dagster/partition"] == days[2]
+        # the CLI made sure the days exist as partitions (the window)
+        assert set(days) <= set(instance.get_dynamic_partitions("userpilot_days_demo"))
     assert cli.main(["sync", "--job", "nope"]) == 2
+    assert "unknown sync job 'nope'; configured: demo" in capsys.readouterr().err
+
+
+def test_cli_prints_the_one_line_cause_of_a_failed_run(tmp_path, monkeypatch, capsys):
+    root = _setup(tmp_path, monkeypatch, **{"enabled: true": "enabled: false"})
+    pk = last_complete_days(1)[0].isoformat()
+    assert cli.main(["sync", "--job", "demo", "--partition", pk]) == 1
+    captured = capsys.readouterr()
+    assert f"sync job demo: partition {pk} FAILED" in captured.out
+    lines = captured.err.splitlines()
+    # the dg.Failure's description, indented, without a step-key prefix ("demo_day: ...")
+    assert lines[0].startswith(f"    sync job 'demo', partition {pk}: the sync job is disabled"), captured.err
+    assert "demo_day" not in captured.err
+    assert lines[-1] == f"1 partition(s) failed: {pk}"
+    assert "sync job demo: lookups" not in captured.out  # no lookups refresh after a failed sync
+    assert not root.exists()
 
 
 def test_cli_argument_mistakes(capsys):
-    import pytest
-
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sync", "--to", "2026-01-16"])
     assert exit_.value.code == 2 and "--to needs --from" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         cli.main(["sync", "--days", "3", "--partition", "2026-01-16"])
     assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_missing_api_key_variable_refuses_the_run_before_it_starts(tmp_path, monkeypatch, capsys):
+    _setup(tmp_path, monkeypatch, **{
+        "source:\n  kind: demo\n  events_per_day: 400\n  seed: 42":
+            "source:\n  kind: export_api\n  base_url: http://127.0.0.1:9\n  api_key_env: CLI_TEST_MISSING_KEY"})
+    monkeypatch.delenv("CLI_TEST_MISSING_KEY", raising=False)
+    day = last_complete_days(1)[0].isoformat()
+    assert cli.main(["sync", "--job", "demo", "--partition", day]) == 1
+    err = capsys.readouterr().err
+    assert (f"sync job demo: partition {day} REFUSED before the run started: the environment variable "
+            f"CLI_TEST_MISSING_KEY is not set") in err
+    assert "Traceback" not in err
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_runs() == []
+    assert not (tmp_path / "exports").exists()

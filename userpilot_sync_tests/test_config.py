@@ -89,7 +89,7 @@ def test_defaults_of_a_minimal_file(tmp_path):
     assert job.event_types == EVENT_TYPES and job.filters.exclude_columns == ()
     assert job.formats == (FormatSpec(format="parquet", compression="zstd"),)
     assert job.layout == "userpilot" and job.max_file_rows is None and job.max_file_bytes is None
-    assert job.partitions_start == date(2025, 1, 1)
+    assert job.partitions_start is None  # optional lower bound: the 365-day window alone decides
     assert job.keep_staging_days == 0 and job.schedules_running is True
     # default compressions: parquet zstd, every other format none
     assert [FormatSpec(format=f).compression for f in ("parquet", "ndjson", "csv", "avro")] == ["zstd", "none", "none", "none"]
@@ -356,21 +356,52 @@ def test_missing_api_key_fails_the_run_not_the_load(tmp_path, monkeypatch):
     assert not (tmp_path / "exports").exists()
 
 
-def test_missing_api_key_fails_the_dagster_run_naming_the_variable(tmp_path, monkeypatch):
+def test_missing_api_key_refuses_the_dagster_run_naming_the_variable(tmp_path, monkeypatch):
+    import json
+    import socket
+
     from userpilot_sync.cli import failure_messages
     from userpilot_sync.defs.project import build_definitions
     from userpilot_sync.partitions import last_complete_days
+    from userpilot_sync_tests.fixtures_core import run_sync
+
+    def leaks(instance, secret: str) -> list[str]:
+        """Runs whose events, run config or tags contain ``secret``."""
+        found = []
+        for run in instance.get_runs():
+            texts = [json.dumps(dg.serialize_value(e)) for e in instance.all_logs(run.run_id)]
+            texts += [json.dumps(run.run_config), json.dumps(run.tags)]
+            found += [run.run_id for t in texts if secret in t]
+        return found
 
     monkeypatch.delenv("ACME_TEST_USERPILOT_KEY", raising=False)
     job = load_sync_jobs(_acme_local(tmp_path).parent)[0]
     defs = build_definitions([job], tmp_path / "staging")
-    dg.Definitions.validate_loadable(defs)
+    dg.Definitions.validate_loadable(defs)  # the code location loads without the secret
+    pk = last_complete_days(1)[0].isoformat()
+    secret = "upk-acme-7f3c9e1b2d"
     with dg.instance_for_test() as instance:
-        result = defs.resolve_job_def("acme_prod_sync").execute_in_process(
-            partition_key=last_complete_days(1)[0].isoformat(), instance=instance, raise_on_error=False
-        )
-    assert not result.success
-    assert "ACME_TEST_USERPILOT_KEY" in "\n".join(failure_messages(result))
+        # the key set, the API unreachable (a closed loopback port, no retries): the key is resolved
+        # and handed to the HTTP client, the run fails, and the value is in no event, config or tag
+        monkeypatch.setenv("ACME_TEST_USERPILOT_KEY", secret)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        source = job.source.model_copy(update={"base_url": f"http://127.0.0.1:{port}", "max_retries": 0})
+        unreachable = build_definitions([job.model_copy(update={"source": source})], tmp_path / "staging")
+        failed = run_sync(unreachable, instance, pk, job_name="acme_prod_sync")
+        assert not failed.success
+        assert [m.split(": ", 1)[1].split(",")[0] for m in failure_messages(failed)] == [
+            f"creating the export job failed: ConnectError reaching http://127.0.0.1:{port}"]
+        assert all(secret not in m for m in failure_messages(failed))
+        assert leaks(instance, secret) == []
+        # the variable missing: Dagster resolves the dg.EnvVar of the source resource before a run is
+        # created, so the run is refused up front naming the variable; nothing is written
+        monkeypatch.delenv("ACME_TEST_USERPILOT_KEY")
+        runs_before = len(instance.get_runs())
+        with pytest.raises(dg.DagsterInvalidConfigError, match="ACME_TEST_USERPILOT_KEY"):
+            run_sync(defs, instance, pk, job_name="acme_prod_sync")
+        assert len(instance.get_runs()) == runs_before and leaks(instance, secret) == []
     assert not (tmp_path / "exports").exists()
 
 

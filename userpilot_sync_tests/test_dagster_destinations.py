@@ -1,4 +1,9 @@
-"""S3 and GCS destinations through the Dagster assets and IO manager (instance state included)."""
+"""S3 and GCS destinations through the Dagster assets and IO managers (instance state included).
+
+Each day's own materializations record its files (``userpilot/files``) and, on GCS, the
+generations of its objects (``userpilot/generations``: ``{object key: generation}``), which the
+next export of the day uses as preconditions.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from userpilot_sync.cli import failure_messages
 from userpilot_sync.defs.project import build_definitions
 from userpilot_sync.partitions import last_complete_days
 from userpilot_sync.schema.events import EVENT_TYPES
-from userpilot_sync_tests.fixtures_core import make_job
+from userpilot_sync_tests.fixtures_core import make_job, run_sync
 from userpilot_sync_tests.fixtures_storage import WRITE_PREFIX, RecordingProxy
 
 pytestmark = pytest.mark.integration
@@ -20,7 +25,14 @@ PK = last_complete_days(1)[0].isoformat()
 
 
 def _run(defs, instance):
-    return defs.resolve_job_def("demo_sync").execute_in_process(partition_key=PK, instance=instance, raise_on_error=False)
+    return run_sync(defs, instance, PK)
+
+
+def _records(instance, asset: str) -> list:
+    """The day's materializations of ``demo/<asset>``, newest first."""
+    return instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(["demo", asset]), asset_partitions=[PK]), limit=100
+    ).records
 
 
 def _bucket(server, request) -> str:
@@ -49,6 +61,16 @@ def test_s3_partition_through_dagster_with_write_only_key(moto_s3, tmp_path, req
                 body = admin.get_object(Bucket=bucket, Key=f"{WRITE_PREFIX}/{job.sync_folder}/{f['path']}")["Body"].read()
                 assert hashlib.sha256(body).hexdigest() == f["sha256"] and len(body) == f["bytes"]
             assert {r.method for r in proxy.log} <= {"PUT", "POST"}
+            # the day's own records name its objects by s3:// URI
+            for et in EVENT_TYPES:
+                md = _records(instance, et)[0].asset_materialization.metadata
+                assert md["userpilot/status"].value == "exported"
+                assert md["dagster/uri"].value == f"s3://{bucket}/{folder}/{et}.parquet"
+                assert [f["uri"] for f in md["userpilot/files"].value] == [f"s3://{bucket}/{folder}/{et}.parquet"]
+                assert "userpilot/generations" not in md  # GCS only
+            manifest_md = _records(instance, "manifest")[0].asset_materialization.metadata
+            assert manifest_md["dagster/uri"].value == f"s3://{bucket}/{folder}/_manifest.json"
+            assert manifest_md["files"].value == len(manifest["files"]) == len(EVENT_TYPES)
 
             # the destination is fixed: another bucket fails before anything is written there
             other = moto_s3.create_bucket(bucket + "-new")
@@ -57,7 +79,10 @@ def test_s3_partition_through_dagster_with_write_only_key(moto_s3, tmp_path, req
             proxy.clear()
             result = _run(build_definitions([moved], tmp_path / "staging"), instance)
             assert not result.success
-            assert "create a new sync job" in "\n".join(failure_messages(result))
+            [message] = failure_messages(result)
+            assert message.startswith(f"sync job 'demo', partition {PK}: the destination changed since the first export")
+            assert "create a new sync job" in message
+            assert len(_records(instance, "manifest")) == 1  # no record of the refused run
             assert proxy.log == []
             assert admin.list_objects_v2(Bucket=other).get("KeyCount", 0) == 0
     finally:
@@ -78,31 +103,44 @@ def test_gcs_reexport_uses_recorded_generations(fake_gcs, tmp_path, request, mon
             assert first.success, failure_messages(first)
             creates = [r for r in proxy.log if r.method == "POST" and r.path.startswith("/upload/")]
             assert creates and all(r.query.get("ifGenerationMatch") == ["0"] for r in creates)
-            mat = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey(["demo", "track"]), asset_partitions=[PK]), limit=1
-            ).records[0].asset_materialization
-            generations = mat.metadata["userpilot/generations"].value[PK]
-            track_key = f"{WRITE_PREFIX}/{job.sync_folder}/{PK}/track.parquet"
-            assert generations[track_key] > 0
+            folder = f"{WRITE_PREFIX}/{job.sync_folder}/{PK}"
+            blobs = {b.name: b.generation for b in fake_gcs.client().list_blobs(bucket)}
+            # each day's own record: {object key: generation} of exactly the objects it wrote
+            first_generations = {}
+            for asset, name in [*((et, f"{et}.parquet") for et in EVENT_TYPES), ("manifest", "_manifest.json")]:
+                md = _records(instance, asset)[0].asset_materialization.metadata
+                generations = md["userpilot/generations"].value
+                assert generations == {f"{folder}/{name}": blobs[f"{folder}/{name}"]}, asset
+                assert all(isinstance(g, int) and g > 0 for g in generations.values())
+                first_generations.update(generations)
+            assert first_generations == blobs  # every object of the day, nothing else
             proxy.clear()
             second = _run(defs, instance)
             if overwrite == "refuse":
                 assert not second.success
-                assert "overwrite is 'refuse'" in "\n".join(failure_messages(second))
+                [message] = failure_messages(second)
+                assert message.startswith(f"sync job 'demo', partition {PK}: this partition was exported before")
+                assert "overwrite is 'refuse'" in message
                 assert proxy.log == []  # refused before any request
+                assert len(_records(instance, "track")) == 1  # nothing recorded
+                assert {b.name: b.generation for b in fake_gcs.client().list_blobs(bucket)} == blobs
             else:
                 assert second.success, failure_messages(second)
                 recorded = set()
                 for asset in [*EVENT_TYPES, "manifest"]:
-                    rec = instance.fetch_materializations(
-                        dg.AssetRecordsFilter(asset_key=dg.AssetKey(["demo", asset]), asset_partitions=[PK]), limit=2
-                    ).records[1].asset_materialization  # the first run's record
-                    recorded |= {str(g) for g in rec.metadata["userpilot/generations"].value[PK].values()}
+                    newest, older = _records(instance, asset)[:2]
+                    assert older.run_id == first.run_id and newest.run_id == second.run_id
+                    recorded |= {str(g) for g in older.asset_materialization.metadata["userpilot/generations"].value.values()}
                 uploads = [r for r in proxy.log if r.method == "POST" and r.path.startswith("/upload/")]
                 # every overwrite is conditioned on the generation the first run recorded
-                assert len(uploads) == 8
-                assert {r.query["ifGenerationMatch"][0] for r in uploads} == recorded
-                names = {b.name for b in fake_gcs.client().list_blobs(bucket)}
-                assert len(names) == 8
+                assert len(uploads) == len(EVENT_TYPES) + 1
+                assert {r.query["ifGenerationMatch"][0] for r in uploads} == recorded == {str(g) for g in blobs.values()}
+                after = {b.name: b.generation for b in fake_gcs.client().list_blobs(bucket)}
+                assert set(after) == set(blobs) and all(after[k] != blobs[k] for k in blobs)
+                # the second run recorded the new generations (the next re-export's preconditions)
+                newest = {}
+                for asset in [*EVENT_TYPES, "manifest"]:
+                    newest.update(_records(instance, asset)[0].asset_materialization.metadata["userpilot/generations"].value)
+                assert newest == after
     finally:
         proxy.close()

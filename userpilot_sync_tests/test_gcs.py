@@ -14,7 +14,7 @@ from userpilot_sync.destination.check import check_destination, marker_key
 from userpilot_sync.destination.gcs import GcsStorage, ObjectExistsError, build_gcs_client
 from userpilot_sync.destination.superseded import delete_superseded, superseded_paths
 from userpilot_sync.destination.transport import RetryPolicy
-from userpilot_sync.destination.writer import layout_for
+from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.errors import DestinationError
 from userpilot_sync.pipeline import sync_partition
 from userpilot_sync_tests.fixtures_core import NOW, PARTITION, make_job

@@ -1,5 +1,5 @@
-"""Lookups (definitions): demo tables, fetching every page from the emulator, lenient records,
-pandera validation, and writing ``definitions/<kind>.parquet`` through a Storage."""
+"""Lookups: demo tables, fetching every page from the emulator, lenient records, pandera
+validation, and writing ``lookups/<kind>.parquet`` through a Storage."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from userpilot_sync.config.model import DemoSourceConfig
+from userpilot_sync.destination.lookups import write_lookups
 from userpilot_sync.destination.storage import LocalStorage
 from userpilot_sync.errors import ValidationError
 from userpilot_sync.source.demo import FEATURE_TAGS, INTERACTION_ENTITIES, TRACK_EVENTS
 from userpilot_sync.source.lookups import (
     LOOKUP_KINDS,
-    definitions_for_job,
+    lookups_for_job,
     demo_lookup_table,
     fetch_lookup,
     fetch_lookups,
     lookup_arrow_schema,
     records_to_table,
-    write_definitions,
 )
 from userpilot_sync_tests.fixtures_api import API_KEY, api_source, make_api_job
 
@@ -53,8 +53,8 @@ def test_fetching_follows_cursors_and_matches_the_demo(tmp_path, emulator, fake_
     assert len(flows) == -(-demo_lookup_table("features_events").num_rows // 2)  # one request per page
     assert flows[1].query["after"] == ["2"] and flows[0].query["limit"] == ["2"]
     assert all(r.headers["Authorization"] == f"Token {API_KEY}" for r in emulator.requests)
-    via_api = definitions_for_job(job, ("surveys",), source=api_source(job, fake_clock))
-    via_demo = definitions_for_job(job.model_copy(update={"source": DemoSourceConfig()}), ("surveys",))
+    via_api = lookups_for_job(job, ("surveys",), source=api_source(job, fake_clock))
+    via_demo = lookups_for_job(job.model_copy(update={"source": DemoSourceConfig()}), ("surveys",))
     assert via_api["surveys"].equals(via_demo["surveys"])
 
 
@@ -89,13 +89,13 @@ def test_invalid_definitions_are_rejected():
         records_to_table("segments", [{"id": 1, "created_at": "yesterday"}])
 
 
-def test_write_definitions_is_deterministic(tmp_path, demo_job):
-    tables = definitions_for_job(demo_job)
+def test_write_lookups_is_deterministic(tmp_path, demo_job):
+    tables = lookups_for_job(demo_job)
     storage = LocalStorage(tmp_path / "out")
-    first = write_definitions(demo_job, storage, tables)
-    second = write_definitions(demo_job, storage, tables)
+    first = write_lookups(demo_job, storage, tables)
+    second = write_lookups(demo_job, storage, tables)
     assert first == second and len(first) == len(LOOKUP_KINDS)
-    path = storage.path("userpilot_events/userpilot_datasync_10001_NX-demo0001/definitions/flows.parquet")
+    path = storage.path("userpilot_events/userpilot_datasync_10001_NX-demo0001/lookups/flows.parquet")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == next(f.sha256 for f in first if f.kind == "flows")
     assert pq.read_table(path).column("name").to_pylist() == [
         "Onboarding tour", "New report walkthrough", "Billing upgrade announcement"]

@@ -12,7 +12,7 @@ from userpilot_sync.defs.project import build_definitions
 from userpilot_sync.partitions import last_complete_days
 from userpilot_sync.pipeline import sync_partition
 from userpilot_sync.schema.events import EVENT_TYPES
-from userpilot_sync_tests.fixtures_core import NOW, PARTITION, make_job
+from userpilot_sync_tests.fixtures_core import NOW, PARTITION, make_job, run_sync
 
 PK = last_complete_days(1)[0].isoformat()  # yesterday (UTC): inside the window of a real run
 APP = "NX-shared01"
@@ -41,9 +41,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 
 def _run(defs: dg.Definitions, instance, job_name: str, pk: str = PK, tags: dict | None = None):
-    result = defs.resolve_job_def(f"{job_name}_sync").execute_in_process(
-        partition_key=pk, instance=instance, raise_on_error=False, tags=tags or {}
-    )
+    result = run_sync(defs, instance, pk, job_name=f"{job_name}_sync", tags=tags or {})
     if not result.success:
         from userpilot_sync.cli import failure_messages
 
@@ -65,11 +63,23 @@ def test_two_sync_jobs_load_side_by_side(tmp_path):
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     for job in (a, b):
         own = {k for k in keys if k.startswith(f"{job.name}/")}
-        expected = {f"{job.name}/raw_events", f"{job.name}/manifest", *(f"{job.name}/{et}" for et in job.event_types)}
-        assert expected <= own
-        for key in own:
+        day = {f"{job.name}/raw_events", f"{job.name}/manifest", *(f"{job.name}/{et}" for et in job.event_types)}
+        assert own == day | {f"{job.name}/lookups"}
+        # a day's assets are one group (and one step); the lookups have their own group
+        for key in day:
             assert graph.get(dg.AssetKey.from_user_string(key)).group_name == job.name
+        assert graph.get(dg.AssetKey([job.name, "lookups"])).group_name == f"{job.name}_lookups"
+        assert {k.to_user_string() for k in defs.resolve_assets_def(dg.AssetKey([job.name, "manifest"])).keys} == day
+        # each sync job has its own partitions (UTC days) and its own jobs
+        partitions = defs.resolve_job_def(f"{job.name}_sync").partitions_def
+        assert isinstance(partitions, dg.DynamicPartitionsDefinition)
+        assert partitions.name == f"userpilot_days_{job.name}"
+        for name in (f"{job.name}_sync", f"{job.name}_lookups_refresh", f"{job.name}_check_destination"):
+            defs.resolve_job_def(name)
     assert "acme_eu/interaction" not in keys  # filtered-out event types have no asset
+    sensors = [s.name for s in defs.sensors]
+    assert sensors.count("userpilot_partition_window") == 1  # one for every sync job
+    assert not [n for n in sensors if n.endswith("_initial_backfill")]  # backfill_days: 0
     assert {s.name for s in defs.schedules} >= {"acme_prod_daily_sync", "acme_prod_sync_back", "acme_eu_weekly_sync"}
     assert "acme_eu_daily_sync" not in {s.name for s in defs.schedules}
     # one export job per app token at a time: both raw_events assets share the app token's pool
@@ -77,7 +87,9 @@ def test_two_sync_jobs_load_side_by_side(tmp_path):
     assert pools == {"userpilot_export_NX_shared01"}
     # each sync job has its own destination IO manager; the sync folders differ by prefix and sync_id
     resources = defs.resources or {}
-    assert {"userpilot_destination_acme_prod", "userpilot_destination_acme_eu"} <= set(resources)
+    for name in ("acme_prod", "acme_eu"):
+        assert {f"userpilot_destination_{name}", f"userpilot_source_{name}", f"userpilot_export_io_manager_{name}",
+                f"userpilot_manifest_io_manager_{name}", f"userpilot_lookups_io_manager_{name}"} <= set(resources)
     assert _sync_root(a) != _sync_root(b) and _sync_root(a).parent.parent == _sync_root(b).parent.parent
 
 
@@ -94,8 +106,20 @@ def test_two_sync_jobs_in_one_folder_do_not_interfere_and_sync_back_replaces_in_
         run_b = _run(defs, instance, "acme_eu")
         assert _snapshot(_sync_root(a)) == before_a  # b's export left a's files untouched
         before_b = _snapshot(_sync_root(b))
+        # each sync job's per-day records point at its own files only
+        for job, name in ((a, "acme_prod"), (b, "acme_eu")):
+            record = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey([name, "manifest"]), asset_partitions=[PK]), limit=1
+            ).records[0]
+            md = record.asset_materialization.metadata
+            assert md["userpilot/status"].value == "exported"
+            assert md["dagster/uri"].value.startswith(_sync_root(job).as_uri()), md["dagster/uri"].value
+            assert md["manifest"].value["run_id"] == record.run_id and md["manifest"].value["sync_job"] == name
+            assert [f["path"] for f in md["userpilot/files"].value] == [f["path"] for f in md["manifest"].value["files"]]
+            assert all(f["uri"].startswith(_sync_root(job).as_uri()) for f in md["userpilot/files"].value)
         # a sync back of the same day re-exports a in place, and leaves b untouched
         again_a = _run(defs, instance, "acme_prod", tags={"userpilot_sync/trigger": "sync_back"})
+        assert instance.get_run_by_id(again_a.run_id).tags["userpilot_sync/trigger"] == "sync_back"
     assert _snapshot(_sync_root(b)) == before_b
     lake = tmp_path / "lake"
     assert sorted(p.name for p in lake.iterdir()) == ["team_a", "team_b"]
@@ -152,8 +176,16 @@ def test_changed_formats_and_fewer_parts_are_superseded_not_deleted(tmp_path):
         assert first["settings"]["max_file_rows"] == 100
         on_disk_before = _snapshot(_sync_root(first_job))
 
-        _run(build_definitions([second_job], staging), instance, "acme_prod")
+        second_run = _run(build_definitions([second_job], staging), instance, "acme_prod")
+        # the day's own manifest record carries the superseded (and, locally, never deleted) paths
+        record = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(["acme_prod", "manifest"]), asset_partitions=[PK]), limit=1
+        ).records[0]
+        assert record.run_id == second_run.run_id
+        md = record.asset_materialization.metadata
+        superseded_record, deleted_record = md["userpilot/superseded"].value, md["userpilot/deleted"].value
     second = _manifest(second_job)
+    assert superseded_record == second["superseded"] and deleted_record == []
     assert second["settings"]["formats"] == ["parquet/snappy"]
     assert second["settings"]["max_file_rows"] is None
     new_files = {f["path"] for f in second["files"]}

@@ -16,7 +16,7 @@ from userpilot_sync.destination.s3 import S3Storage
 from userpilot_sync.destination.storage import LocalStorage
 from userpilot_sync.destination.superseded import delete_superseded, superseded_paths
 from userpilot_sync.destination.transport import RetryPolicy, require_https
-from userpilot_sync.destination.writer import layout_for
+from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.errors import DestinationError
 from userpilot_sync.pipeline import sync_partition
 from userpilot_sync_tests.fixtures_core import NOW, PARTITION, make_job

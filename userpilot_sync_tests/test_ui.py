@@ -1,4 +1,11 @@
-"""What a user does in the UI: dagster dev (webserver + daemon) on loopback, driven over GraphQL."""
+"""What a user meets in the UI: ``dagster dev`` (webserver + daemon) on loopback, driven over GraphQL.
+
+One ``dagster dev`` serves the whole module (demo sync job, local destination in a temporary
+folder). The tests follow a user: the asset graph and its automation, the day partitions the
+daemon's ``userpilot_partition_window`` sensor keeps equal to the 365-day window, one day
+materialized with "Materialize all", a subset of a day refused, and a 3-day asset backfill run by
+the daemon as one ranged run (``backfill_days_per_run``) with per-day records and checks.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +17,35 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable
 
 import httpx
 import pytest
 
-from userpilot_sync.partitions import last_complete_days
+from userpilot_sync.partitions import last_complete_days, utc_today
 
 REPO = Path(__file__).resolve().parents[1]
-PK = last_complete_days(1)[0].isoformat()
+REPOSITORY = "__repository__"
+EVENT_TYPES = ("identify_user", "identify_company", "interaction", "track", "track_feature", "page_view",
+               "session_start")
+DAY_ASSETS = ("raw_events", *EVENT_TYPES, "manifest")
+SYNC_FOLDER = Path("userpilot_events") / "userpilot_datasync_10001_NX-demo0001"
+EVENTS_PER_DAY = 5000  # sync_jobs/demo.yaml
 
+#: The day "Materialize all" exports (yesterday, UTC), the day a subset is refused for, the backfill's days.
+#: All distinct, so each test reads its own days' records.
+DAY = last_complete_days(1)[0].isoformat()
+SUBSET_DAY = last_complete_days(2)[0].isoformat()
+BACKFILL_DAYS = [d.isoformat() for d in last_complete_days(6)[:3]]
 
+META_FIELDS = """metadataEntries { label __typename
+    ... on IntMetadataEntry { intValue intRepr } ... on FloatMetadataEntry { floatValue }
+    ... on TextMetadataEntry { text } ... on PathMetadataEntry { path } ... on UrlMetadataEntry { url }
+    ... on JsonMetadataEntry { jsonString } }"""
+
+# ---------------------------------------------------------------------------------------------- helpers
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,13 +53,130 @@ def _free_port() -> int:
 
 
 def _gql(url: str, query: str, variables: dict | None = None) -> dict:
-    response = httpx.post(url, json={"query": query, "variables": variables or {}}, timeout=30)
+    response = httpx.post(url, json={"query": query, "variables": variables or {}}, timeout=60)
     response.raise_for_status()
     body = response.json()
     assert "errors" not in body, body
     return body["data"]
 
 
+def _log_tail(dev: dict, chars: int = 5000) -> str:
+    try:
+        return (dev["root"] / "dagster_dev.log").read_text(errors="replace")[-chars:]
+    except OSError as exc:  # pragma: no cover - diagnostics only
+        return f"(no dagster dev log: {exc})"
+
+
+def _wait(dev: dict, what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
+    """Poll ``probe`` until it returns a truthy value; on timeout fail with the dagster dev log's tail."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s (last seen: {last!r})\n"
+                                 f"--- tail of the dagster dev log ---\n{_log_tail(dev)}")
+        time.sleep(interval)
+
+
+def _metadata(entries: list[dict]) -> dict[str, Any]:
+    """Metadata entries (GraphQL) as plain ``{label: value}``."""
+    values: dict[str, Any] = {}
+    for e in entries:
+        kind = e["__typename"]
+        if kind == "IntMetadataEntry":
+            values[e["label"]] = e["intValue"] if e["intValue"] is not None else int(e["intRepr"])
+        elif kind == "JsonMetadataEntry":
+            values[e["label"]] = json.loads(e["jsonString"])
+        else:
+            values[e["label"]] = next((e[k] for k in ("text", "path", "url", "floatValue") if k in e), kind)
+    return values
+
+
+def _repo_selector(dev: dict) -> dict:
+    return {"repositoryLocationName": dev["location"], "repositoryName": REPOSITORY}
+
+
+def _run_count(dev: dict) -> int:
+    return _gql(dev["url"], "{ runsOrError { __typename ... on Runs { count } } }")["runsOrError"]["count"]
+
+
+def _run_errors(dev: dict, run_id: str) -> str:
+    """The run's ERROR events (step failures and their causes), for assertion messages."""
+    data = _gql(dev["url"], """query($id: ID!) { logsForRun(runId: $id) { __typename
+        ... on EventConnection { events { __typename ... on MessageEvent { message level } } } } }""",
+                {"id": run_id})["logsForRun"]
+    events = data.get("events") or []
+    return "\n".join(e["message"] for e in events if e.get("level") == "ERROR") or "(no ERROR events)"
+
+
+def _wait_run(dev: dict, run_id: str, timeout: float = 150) -> str:
+    def finished():
+        status = _gql(dev["url"], "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }",
+                      {"id": run_id})["runOrError"]["status"]
+        return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
+
+    status = _wait(dev, f"run {run_id} finishing", finished, timeout)
+    assert status == "SUCCESS", f"run {run_id} ended {status}:\n{_run_errors(dev, run_id)}\n--- log ---\n{_log_tail(dev)}"
+    return status
+
+
+def _launch_run(dev: dict, partition: str, asset_selection: list[list[str]] | None = None) -> dict:
+    selector = {**_repo_selector(dev), "jobName": "demo_sync"}
+    if asset_selection is not None:
+        selector["assetSelection"] = [{"path": p} for p in asset_selection]
+    return _gql(
+        dev["url"],
+        """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+             __typename ... on LaunchRunSuccess { run { runId } } ... on Error { message } } }""",
+        {"p": {"selector": selector, "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]}}},
+    )["launchRun"]
+
+
+def _materialization(dev: dict, asset: str, partition: str) -> dict:
+    """The newest materialization of ``demo/<asset>`` for ``partition``: runId, partition, metadata."""
+    mats = _gql(
+        dev["url"],
+        """query($key: AssetKeyInput!, $pk: [String!]) { assetOrError(assetKey: $key) { ... on Asset {
+             assetMaterializations(partitions: $pk, limit: 1) { runId partition %s } } } }""" % META_FIELDS,
+        {"key": {"path": ["demo", asset]}, "pk": [partition]},
+    )["assetOrError"]["assetMaterializations"]
+    assert mats, f"no materialization of demo/{asset} for {partition}"
+    return {"runId": mats[0]["runId"], "partition": mats[0]["partition"], "metadata": _metadata(mats[0]["metadataEntries"])}
+
+
+def _day_exported(dev: dict, partition: str) -> list[dict]:
+    """Executions of ``demo/manifest``'s ``day_exported`` check for ``partition`` (newest first)."""
+    executions = _gql(
+        dev["url"],
+        """query($key: AssetKeyInput!, $pk: String) {
+             assetCheckExecutions(assetKey: $key, checkName: "day_exported", partition: $pk, limit: 20) {
+               runId status partition evaluation { success partition %s } } }""" % META_FIELDS,
+        {"key": {"path": ["demo", "manifest"]}, "pk": partition},
+    )["assetCheckExecutions"]
+    for e in executions:
+        if e["evaluation"]:
+            e["evaluation"]["metadata"] = _metadata(e["evaluation"].pop("metadataEntries"))
+    return executions
+
+
+def _manifest(dev: dict, partition: str) -> dict:
+    return json.loads((dev["root"] / "exports" / SYNC_FOLDER / partition / "_manifest.json").read_text())
+
+
+def _partition_keys(dev: dict) -> list[str]:
+    dims = _gql(
+        dev["url"],
+        """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { __typename ... on AssetNode {
+             partitionKeysByDimension { partitionKeys } } } }""",
+        {"key": {"path": ["demo", "track"]}},
+    )["assetNodeOrError"]["partitionKeysByDimension"]
+    return dims[0]["partitionKeys"] if dims else []
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def dagster_dev(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
@@ -57,162 +199,215 @@ def dagster_dev(tmp_path_factory):
         [str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}/graphql"
-    deadline = time.monotonic() + 180
+    dev = {"url": f"http://127.0.0.1:{port}/graphql", "root": root, "home": home, "location": None}
+
+    def loaded():
+        if proc.poll() is not None:
+            raise RuntimeError(f"dagster dev exited ({proc.returncode}):\n{_log_tail(dev)}")
+        try:
+            data = _gql(dev["url"], "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
+                                    "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
+        except (httpx.HTTPError, KeyError, AssertionError):
+            return None
+        entries = data["workspaceOrError"]["locationEntries"]
+        if entries and entries[0]["loadStatus"] == "LOADED":
+            return entries[0]
+        return None
+
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"dagster dev exited: {(root / 'dagster_dev.log').read_text()[-3000:]}")
-            try:
-                data = _gql(url, "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
-                                 "locationOrLoadError { __typename } } } } }")
-                entries = data["workspaceOrError"]["locationEntries"]
-                if entries and entries[0]["loadStatus"] == "LOADED":
-                    assert entries[0]["locationOrLoadError"]["__typename"] == "RepositoryLocation", entries
-                    break
-            except (httpx.HTTPError, KeyError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the code location did not load within 180 s")
-            time.sleep(1)
-        yield {"url": url, "location": entries[0]["name"], "root": root}
+        entry = _wait(dev, "the code location loading", loaded, timeout=150)
+        assert entry["locationOrLoadError"]["__typename"] == "RepositoryLocation", entry
+        dev["location"] = entry["name"]
+        yield dev
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
         log.close()
 
 
+@pytest.fixture(scope="module")
+def window(dagster_dev) -> list[str]:
+    """The day partitions once the daemon's partition-window sensor has ticked (it ticks at start)."""
+    return _wait(dagster_dev, "the partition-window sensor adding the 365 days of the window",
+                 lambda: (keys if len(keys := _partition_keys(dagster_dev)) == 365 else None), timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------- tests
 @pytest.mark.integration
-def test_ui_lists_assets_and_materializes_a_partition(dagster_dev):
+def test_assets_lineage_and_automation(dagster_dev):
     url = dagster_dev["url"]
-    nodes = _gql(url, "{ assetNodes { assetKey { path } groupName isPartitioned } }")["assetNodes"]
-    keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
-    assert {"demo/raw_events", "demo/track", "demo/interaction", "demo/manifest", "demo/definitions"} <= keys
-    assert all(n["groupName"] == "demo" for n in nodes)
-    assert all(n["isPartitioned"] for n in nodes if n["assetKey"]["path"][-1] != "definitions")
+    nodes = _gql(url, "{ assetNodes { assetKey { path } groupName isPartitioned dependencyKeys { path } } }")["assetNodes"]
+    by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
+    day_keys = {f"demo/{a}" for a in DAY_ASSETS}
+    assert set(by_key) == day_keys | {"demo/lookups"}
+    assert {k for k, n in by_key.items() if n["groupName"] == "demo"} == day_keys
+    assert by_key["demo/lookups"]["groupName"] == "demo_lookups"
+    assert all(by_key[k]["isPartitioned"] for k in day_keys)
+    assert by_key["demo/lookups"]["isPartitioned"] is False
+
+    deps = {k: {"/".join(d["path"]) for d in n["dependencyKeys"]} for k, n in by_key.items()}
+    assert deps["demo/raw_events"] == set()
+    for et in EVENT_TYPES:
+        assert deps[f"demo/{et}"] == {"demo/raw_events"}, et
+    assert deps["demo/manifest"] == {f"demo/{et}" for et in EVENT_TYPES}
+    assert deps["demo/lookups"] == set()
+
+    checks = _gql(url, """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
+        assetChecksOrError { __typename ... on AssetChecks { checks { name } } } } } }""",
+                  {"key": {"path": ["demo", "manifest"]}})["assetNodeOrError"]["assetChecksOrError"]
+    assert {c["name"] for c in checks["checks"]} == {"day_exported"}
 
     schedules = _gql(
         url,
         """query($sel: RepositorySelector!) { schedulesOrError(repositorySelector: $sel) {
              ... on Schedules { results { name cronSchedule scheduleState { status } } } } }""",
-        {"sel": {"repositoryLocationName": dagster_dev["location"], "repositoryName": "__repository__"}},
+        {"sel": _repo_selector(dagster_dev)},
     )["schedulesOrError"]["results"]
     assert {(s["name"], s["cronSchedule"], s["scheduleState"]["status"]) for s in schedules} == {
         ("demo_daily_sync", "0 3 * * *", "STOPPED"),
-        ("demo_definitions_refresh", "0 3 * * *", "STOPPED"),
+        ("demo_lookups_refresh", "0 3 * * *", "STOPPED"),
     }
 
     sensors = _gql(
         url,
         """query($sel: RepositorySelector!) { sensorsOrError(repositorySelector: $sel) {
              ... on Sensors { results { name sensorState { status } } } } }""",
-        {"sel": {"repositoryLocationName": dagster_dev["location"], "repositoryName": "__repository__"}},
+        {"sel": _repo_selector(dagster_dev)},
     )["sensorsOrError"]["results"]
-    assert {(s["name"], s["sensorState"]["status"]) for s in sensors} == {("userpilot_manifest_automation", "RUNNING")}
-
-    launched = _gql(
-        url,
-        """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
-             __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
-        {
-            "p": {
-                "selector": {
-                    "repositoryLocationName": dagster_dev["location"],
-                    "repositoryName": "__repository__",
-                    "jobName": "demo_sync",
-                },
-                "executionMetadata": {"tags": [{"key": "dagster/partition", "value": PK}]},
-            }
-        },
-    )["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    run_id = launched["run"]["runId"]
-    deadline = time.monotonic() + 240
-    status = None
-    while time.monotonic() < deadline:
-        status = _gql(url, 'query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }', {"id": run_id})[
-            "runOrError"
-        ]["status"]
-        if status in ("SUCCESS", "FAILURE", "CANCELED"):
-            break
-        time.sleep(2)
-    assert status == "SUCCESS", (dagster_dev["root"] / "dagster_dev.log").read_text()[-4000:]
-
-    manifest = dagster_dev["root"] / "exports" / "userpilot_events" / "userpilot_datasync_10001_NX-demo0001" / PK / "_manifest.json"
-    doc = json.loads(manifest.read_text())
-    assert doc["run_id"] == run_id and len(doc["files"]) == 7
-    assert sum(doc["event_types"].values()) == 5000
-
-    mats = _gql(
-        url,
-        """query($key: AssetKeyInput!, $pk: [String!]) { assetOrError(assetKey: $key) { ... on Asset {
-             assetMaterializations(partitions: $pk, limit: 1) { runId partition metadataEntries { label } } } } }""",
-        {"key": {"path": ["demo", "track"]}, "pk": [PK]},
-    )["assetOrError"]["assetMaterializations"]
-    assert mats[0]["runId"] == run_id and mats[0]["partition"] == PK
-    labels = {m["label"] for m in mats[0]["metadataEntries"]}
-    assert {"dagster/row_count", "dagster/uri", "dagster/column_schema", "bytes"} <= labels
-
-
-def _launch_and_wait(dagster_dev, selector_extra: dict, tags: list[dict]) -> str:
-    url = dagster_dev["url"]
-    launched = _gql(
-        url,
-        """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
-             __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
-        {"p": {"selector": {"repositoryLocationName": dagster_dev["location"], "repositoryName": "__repository__",
-                            "jobName": "demo_sync", **selector_extra},
-               "executionMetadata": {"tags": tags}}},
-    )["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    run_id = launched["run"]["runId"]
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        status = _gql(url, 'query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }', {"id": run_id})[
-            "runOrError"]["status"]
-        if status in ("SUCCESS", "FAILURE", "CANCELED"):
-            assert status == "SUCCESS"
-            return run_id
-        time.sleep(2)
-    raise TimeoutError(run_id)
+    assert {(s["name"], s["sensorState"]["status"]) for s in sensors} == {
+        ("userpilot_partition_window", "RUNNING"), ("userpilot_run_recovery", "RUNNING")}
 
 
 @pytest.mark.integration
-def test_subset_materialization_is_followed_by_the_manifest(dagster_dev):
-    """A user re-materializes one export of a day; the daemon's automation sensor re-writes its manifest."""
-    pk = last_complete_days(2)[0].isoformat()
-    _launch_and_wait(dagster_dev, {}, [{"key": "dagster/partition", "value": pk}])
-    # the automation sensor compares each tick with the previous one: let it tick once after the
-    # full run, as it does all day long in a real deployment
-    done = time.time()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        ticks = _gql(
-            dagster_dev["url"],
-            """query($sel: SensorSelector!) { sensorOrError(sensorSelector: $sel) {
-                 ... on Sensor { sensorState { ticks(limit: 1) { timestamp status } } } } }""",
-            {"sel": {"repositoryLocationName": dagster_dev["location"], "repositoryName": "__repository__",
-                     "sensorName": "userpilot_manifest_automation"}},
-        )["sensorOrError"]["sensorState"]["ticks"]
-        if ticks and ticks[0]["timestamp"] > done and ticks[0]["status"] != "STARTED":
-            break
-        time.sleep(2)
-    subset_run = _launch_and_wait(
-        dagster_dev,
-        {"assetSelection": [{"path": ["demo", "raw_events"]}, {"path": ["demo", "track"]}]},
-        [{"key": "dagster/partition", "value": pk}],
-    )
-    manifest = dagster_dev["root"] / "exports" / "userpilot_events" / "userpilot_datasync_10001_NX-demo0001" / pk / "_manifest.json"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        doc = json.loads(manifest.read_text())
-        if doc["source"]["export_runs"]["track"] == subset_run and doc["run_id"] != subset_run:
-            break
-        time.sleep(3)
-    else:
-        raise AssertionError(f"the manifest of {pk} was not re-written after the subset run: {doc['run_id']}")
-    assert doc["source"]["export_runs"]["page_view"] != subset_run  # other exports come from the first run
+def test_partitions_match_the_window(dagster_dev, window):
+    today = utc_today()
+    assert len(window) == 365
+    assert window == sorted(window), "partitions are not oldest first"
+    assert window[-1] == (today - timedelta(days=1)).isoformat()  # yesterday, UTC
+    assert window[0] == (today - timedelta(days=365)).isoformat()
+    stats = _gql(dagster_dev["url"], """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) {
+        ... on AssetNode { partitionStats { numPartitions numMaterialized numFailed } } } }""",
+                 {"key": {"path": ["demo", "track"]}})["assetNodeOrError"]["partitionStats"]
+    assert stats["numPartitions"] == 365
+    assert stats["numFailed"] == 0
+
+
+@pytest.mark.integration
+def test_materialize_one_day(dagster_dev, window):
+    assert DAY in window
+    launched = _launch_run(dagster_dev, DAY)
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    _wait_run(dagster_dev, run_id)
+
+    doc = _manifest(dagster_dev, DAY)
+    assert doc["run_id"] == run_id and doc["partition"] == DAY
     assert len(doc["files"]) == 7
+    assert set(doc["event_types"]) == set(EVENT_TYPES)
+    assert sum(doc["event_types"].values()) == EVENTS_PER_DAY
+
+    mat = _materialization(dagster_dev, "track", DAY)
+    assert mat["runId"] == run_id and mat["partition"] == DAY
+    meta = mat["metadata"]
+    assert meta["dagster/row_count"] == doc["event_types"]["track"]
+    assert str(meta["dagster/uri"]).endswith(f"/{DAY}/track.parquet"), meta["dagster/uri"]
+    assert meta["bytes"] > 0
+    files = meta["userpilot/files"]
+    assert [f["uri"] for f in files] == [meta["dagster/uri"]]
+    assert sum(f["rows"] for f in files) == meta["dagster/row_count"]
+    assert meta["userpilot/status"] == "exported"
+
+    executions = [e for e in _day_exported(dagster_dev, DAY) if e["runId"] == run_id]
+    assert len(executions) == 1, executions
+    e = executions[0]
+    assert e["status"] == "SUCCEEDED" and e["partition"] == DAY
+    assert e["evaluation"]["success"] is True and e["evaluation"]["partition"] == DAY
+    assert e["evaluation"]["metadata"]["rows"] == EVENTS_PER_DAY
+    assert e["evaluation"]["metadata"]["files"] == 7
+
+
+@pytest.mark.integration
+def test_a_subset_of_a_day_is_refused_before_a_run_is_created(dagster_dev, window):
+    assert SUBSET_DAY in window
+    runs_before = _run_count(dagster_dev)
+    refused = _launch_run(dagster_dev, SUBSET_DAY, asset_selection=[["demo", "track"]])
+    assert refused["__typename"] != "LaunchRunSuccess", refused
+    assert refused["__typename"] in ("InvalidSubsetError", "PythonError"), refused
+    assert "does not support subsetting" in (refused.get("message") or ""), refused
+    time.sleep(1)
+    assert _run_count(dagster_dev) == runs_before
+    assert not (dagster_dev["root"] / "exports" / SYNC_FOLDER / SUBSET_DAY).exists()
+
+
+@pytest.mark.integration
+def test_three_day_asset_backfill_is_one_ranged_run(dagster_dev, window):
+    assert set(BACKFILL_DAYS) <= set(window)
+    url = dagster_dev["url"]
+    runs_before = _run_count(dagster_dev)
+    launched = _gql(
+        url,
+        """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+             __typename ... on LaunchBackfillSuccess { backfillId } ... on Error { message } } }""",
+        {"p": {"partitionNames": BACKFILL_DAYS, "assetSelection": [{"path": ["demo", a]} for a in DAY_ASSETS],
+               "title": "ui test backfill"}},
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    def backfill():
+        data = _gql(url, """query($id: String!) { partitionBackfillOrError(backfillId: $id) { __typename
+            ... on PartitionBackfill { status isAssetBackfill error { message }
+                  runs { runId status tags { key value } } } ... on Error { message } } }""",
+                    {"id": backfill_id})["partitionBackfillOrError"]
+        assert data["__typename"] == "PartitionBackfill", data
+        return data if data["status"] not in ("REQUESTED", "CANCELING", "FAILING") else None
+
+    done = _wait(dagster_dev, f"backfill {backfill_id} finishing", backfill, timeout=300, interval=2)
+    run_errors = "\n".join(_run_errors(dagster_dev, r["runId"]) for r in done["runs"] if r["status"] != "SUCCESS")
+    assert done["status"] in ("COMPLETED", "COMPLETED_SUCCESS"), f"{done}\n{run_errors}\n{_log_tail(dagster_dev)}"
+    assert done["isAssetBackfill"] is True
+
+    # one ranged run for the 3 days (multi_run backfill policy, backfill_days_per_run: 31)
+    assert len(done["runs"]) == 1, done["runs"]
+    run = done["runs"][0]
+    tags = {t["key"]: t["value"] for t in run["tags"]}
+    assert run["status"] == "SUCCESS"
+    assert tags.get("dagster/asset_partition_range_start") == BACKFILL_DAYS[0], tags
+    assert tags.get("dagster/asset_partition_range_end") == BACKFILL_DAYS[-1], tags
+    assert _run_count(dagster_dev) == runs_before + 1
+    run_id = run["runId"]
+
+    # every export shows the 3 days materialized, none failed
+    for asset in DAY_ASSETS:
+        statuses = _gql(url, """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
+            assetPartitionStatuses { __typename ... on DefaultPartitionStatuses {
+              materializedPartitions failedPartitions materializingPartitions } } } } }""",
+                        {"key": {"path": ["demo", asset]}})["assetNodeOrError"]["assetPartitionStatuses"]
+        assert set(BACKFILL_DAYS) <= set(statuses["materializedPartitions"]), (asset, statuses)
+        assert statuses["failedPartitions"] == [] and statuses["materializingPartitions"] == [], (asset, statuses)
+
+    # each day has its own records: manifest, track row count, day_exported check
+    manifests = {pk: _manifest(dagster_dev, pk) for pk in BACKFILL_DAYS}
+    range_track_rows = sum(m["event_types"]["track"] for m in manifests.values())
+    for pk, doc in manifests.items():
+        assert doc["run_id"] == run_id and doc["partition"] == pk
+        assert len(doc["files"]) == 7 and set(doc["event_types"]) == set(EVENT_TYPES)
+        mat = _materialization(dagster_dev, "track", pk)
+        assert mat["runId"] == run_id and mat["partition"] == pk
+        meta = mat["metadata"]
+        assert meta["dagster/row_count"] == doc["event_types"]["track"], (pk, meta["dagster/row_count"], doc["event_types"])
+        assert meta["dagster/row_count"] < range_track_rows
+        assert str(meta["dagster/uri"]).endswith(f"/{pk}/track.parquet"), meta["dagster/uri"]
+        assert [f["uri"] for f in meta["userpilot/files"]] == [meta["dagster/uri"]]
+        assert meta["userpilot/status"] == "exported"
+
+        executions = [e for e in _day_exported(dagster_dev, pk) if e["runId"] == run_id]
+        assert len(executions) == 1, (pk, executions)
+        e = executions[0]
+        assert e["status"] == "SUCCEEDED" and e["partition"] == pk, e
+        assert e["evaluation"]["success"] is True and e["evaluation"]["partition"] == pk
+        assert e["evaluation"]["metadata"]["rows"] == sum(doc["event_types"].values())

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from datetime import date
 from typing import Annotated, Literal, Union
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_core import ValidationError as PydanticCoreValidationError
 
+from userpilot_sync.net import is_loopback, require_https
 from userpilot_sync.schema.events import COLUMN_NAMES, EVENT_TYPES, REQUIRED_COLUMNS
 
 MAX_WINDOW_DAYS = 365
@@ -62,6 +65,11 @@ class FilesSourceConfig(_Model):
     kind: Literal["files"] = "files"
     path: str
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _folder_path(v)
+
 
 class ExportApiSourceConfig(_Model):
     """Userpilot's Bulk Data Export API. The API key is read from the env var ``api_key_env``."""
@@ -94,10 +102,6 @@ class ExportApiSourceConfig(_Model):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, v: str) -> str:
-        from urllib.parse import urlsplit
-
-        from userpilot_sync.source.urls import is_loopback
-
         parts = urlsplit(v.strip())
         # never echo a URL that may carry credentials (user:key@host, ?api_key=...)
         if parts.username or parts.password or "@" in parts.netloc:
@@ -121,36 +125,109 @@ Source = Annotated[Union[DemoSourceConfig, FilesSourceConfig, ExportApiSourceCon
 
 # ---------------------------------------------------------------------------------- destinations
 def _https_or_loopback(v: str | None) -> str | None:
-    """Endpoints must be https:// unless they point at a loopback address (tests, local stores)."""
+    """Endpoints must be https:// unless they point at a loopback address (tests, local stores).
+
+    Raises ValueError (:class:`userpilot_sync.net.InsecureUrlError`) for any other endpoint.
+    """
     if v is None:
         return v
-    from userpilot_sync.destination.transport import require_https
-    from userpilot_sync.errors import DestinationError
-
-    try:
-        return require_https(v, "endpoint")
-    except DestinationError as exc:
-        raise ValueError(str(exc)) from None
+    return require_https(v, "endpoint")
 
 
-class LocalDestination(_Model):
+def _control_characters(v: str) -> list[str]:
+    """The control characters and line/paragraph separators in ``v``, as escapes (``'\\n'``)."""
+    found = [c for c in v if unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+    return sorted({repr(c)[1:-1] for c in found})
+
+
+def _object_prefix(v: str) -> str:
+    """Check a destination ``prefix``: the same object keys on every backend (local, S3, GCS).
+
+    Leading and trailing ``/`` are ignored (the layout strips them on every backend). Raises
+    ValueError for anything a backend would treat differently or refuse: ``..`` or ``.`` segments
+    (normalised away by a file system, literal on S3/GCS), empty segments (``a//b``), ``\\``,
+    control characters and newlines.
+    """
+    control = _control_characters(v)
+    if control:
+        raise ValueError(
+            f"{v!r} contains control character(s) {', '.join(control)} (a newline, tab, ...); object keys "
+            "must be printable text. Remove them (a stray line break in the YAML value?)"
+        )
+    if "\\" in v:
+        raise ValueError(
+            f"{v!r} contains '\\'; separate the folders of a prefix with '/' (e.g. userpilot/events)"
+        )
+    inner = v.strip("/")
+    if not inner:
+        return v
+    segments = inner.split("/")
+    if "" in segments:
+        raise ValueError(
+            f"{v!r} has an empty folder ('//'): a local folder would merge it, S3 and GCS keep it, so the same "
+            "sync job would write different keys per destination. Write single '/' between folders"
+        )
+    if ".." in segments:
+        raise ValueError(
+            f"{v!r} has a '..' folder: on a local disk it would leave the destination folder, S3 and GCS keep "
+            "it literally. Write the prefix without '..', e.g. userpilot/events"
+        )
+    if "." in segments:
+        raise ValueError(
+            f"{v!r} has a '.' folder: a local folder ignores it, S3 and GCS keep it literally, so the same sync "
+            "job would write different keys per destination. Write the prefix without '.', e.g. userpilot/events"
+        )
+    return v
+
+
+def _folder_path(v: str) -> str:
+    """Check a local folder ``path``: not empty, without control characters or newlines.
+
+    Raises ValueError otherwise (``..`` is allowed: it is a folder on this machine, not an object key).
+    """
+    if not v.strip():
+        raise ValueError("is empty; give a folder, e.g. exports")
+    control = _control_characters(v)
+    if control:
+        raise ValueError(
+            f"{v!r} contains control character(s) {', '.join(control)} (a newline, tab, ...); give the folder "
+            "as printable text (a stray line break in the YAML value?)"
+        )
+    return v
+
+
+class _Destination(_Model):
+    """What every destination has: the key ``prefix`` under which the sync folder lives."""
+
+    prefix: str = ""
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return _object_prefix(v)
+
+
+class LocalDestination(_Destination):
     """A local folder (``path``; the loader resolves relative paths against the project folder)."""
 
     kind: Literal["local"] = "local"
     path: str = "exports"  # relative: to the project folder (the loader resolves it)
-    prefix: str = ""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _folder_path(v)
 
     def fingerprint(self) -> dict:
         # the resolved folder: "out", "./out" and its absolute path are one destination
         return {"kind": self.kind, "path": os.path.abspath(self.path), "prefix": self.prefix.strip("/")}
 
 
-class S3Destination(_Model):
+class S3Destination(_Destination):
     """An Amazon S3 (or S3-compatible) bucket; credentials from the standard AWS chain."""
 
     kind: Literal["s3"] = "s3"
     bucket: str
-    prefix: str = ""
     region: str | None = None
     #: S3-compatible stores / VPC endpoints; must be https:// unless loopback.
     endpoint_url: str | None = None
@@ -191,13 +268,12 @@ class S3Destination(_Model):
                 "endpoint_url": self.endpoint_url or ""}
 
 
-class GcsDestination(_Model):
+class GcsDestination(_Destination):
     """A Google Cloud Storage bucket in ``project``; standard Google credentials."""
 
     kind: Literal["gcs"] = "gcs"
     bucket: str
     project: str | None = None
-    prefix: str = ""
     #: CMEK: projects/<p>/locations/<l>/keyRings/<r>/cryptoKeys/<k> (the bucket's service agent
     #: needs cloudkms.cryptoKeyEncrypterDecrypter on it).
     kms_key_name: str | None = None
@@ -339,8 +415,9 @@ class SyncJob(_Model):
     layout: Literal["userpilot", "hive"] = "userpilot"
     max_file_rows: int | None = Field(None, ge=1)
     max_file_bytes: int | None = Field(None, ge=1024)
-    #: First partition listed in the UI (partitions older than the 365-day window are refused).
-    partitions_start: date = date(2025, 1, 1)
+    #: Oldest day this sync job may ever export (e.g. the day the app started sending events);
+    #: None = the 365-day window alone decides. The UI lists the window's days from here on.
+    partitions_start: date | None = None
     #: Days one backfill run exports at most (Dagster backfill policy multi_run); one extraction
     #: covers the whole range and is split by day. 1 = one run per day.
     backfill_days_per_run: int = Field(31, ge=1, le=MAX_WINDOW_DAYS)

@@ -1,334 +1,292 @@
-"""IO managers: staging (raw events on local disk) and destinations (local, S3, GCS).
+"""IO managers: each writes one kind of thing to a sync job's destination, and records it per day.
 
-Every output covers one or more partitions: a run launched for one day covers one, a backfill
-run (backfill policy ``multi_run``) covers a range of days. Values are therefore keyed by
-partition, and so is the metadata that later steps read back from the instance
-(``userpilot/files``, ``userpilot/counts``, ``userpilot/generations``, ``userpilot/failed``).
-Dagster records one materialization per partition of the range, each with the whole output's
-metadata; the per-day entries inside it are the per-day record.
+* :class:`ExportIOManager` writes the files of one event type (an :class:`ExportBatch`);
+* :class:`ManifestIOManager` publishes each day's manifest (a :class:`ManifestBatch`), last, and
+  then deletes the superseded files it names where the sync job allows deletes;
+* :class:`LookupsIOManager` writes the lookup tables (:class:`LookupTables`).
 
-* :class:`StagingIOManager` — ``<job>/raw_events`` outputs are already on disk (the stager wrote
-  them); it loads the :class:`~userpilot_sync.staging.StagedDay` records for downstream exports.
-* :class:`DestinationIOManager` — one per sync job. Export assets hand it an
-  :class:`ExportBatch` (validated, ordered files in staging, per day); it streams them out in
-  every format of the sync job through the destination's storage. The manifest asset hands it a
-  :class:`ManifestBatch`, written last. It never loads anything from the customer's bucket.
+An output covers one day, or every day of a backfill range. Dagster records one materialization
+per day of the range; each IO manager puts that day's own figures on it
+(``step_context.add_asset_metadata(..., partition_key=day)``), in the ledger's format
+(``defs/ledger.py``). Days of a range that were refused or failed before writing get a record
+with ``userpilot/status`` saying so and no files. Nothing is ever loaded back from the
+customer's bucket (``load_input`` refuses).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
 
-from userpilot_sync.config.model import SyncJob
-from userpilot_sync.destination.factory import build_storage
-from userpilot_sync.destination.layout import Layout
+from userpilot_sync.defs.failures import failure, tag_run
+from userpilot_sync.defs.keys import SyncJobKeys
+from userpilot_sync.defs.ledger import (
+    DELETED_KEY,
+    FILES_KEY,
+    GENERATIONS_KEY,
+    STATUS_EXPORTED,
+    SUPERSEDED_KEY,
+    Ledger,
+    record_metadata,
+)
+from userpilot_sync.defs.resources import DestinationResource
+from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.destination.manifest import FileRecord
 from userpilot_sync.destination.storage import Storage
 from userpilot_sync.destination.superseded import delete_superseded
-from userpilot_sync.destination.writer import layout_for, write_export, write_manifest
-from userpilot_sync.defs.state import (
-    COUNTS_KEY,
-    FAILED_KEY,
-    FILES_KEY,
-    FINGERPRINT_KEY,
-    GENERATIONS_KEY,
-    destination_fingerprint,
-    metadata_value,
-)
+from userpilot_sync.destination.writer import write_export, write_manifest
+from userpilot_sync.errors import UserpilotSyncError
 from userpilot_sync.export import PreparedExport
-from userpilot_sync.partitions import parse_partition
 from userpilot_sync.schema.events import export_columns
-from userpilot_sync.staging import StagedDay, partition_dir, remove_staged
+
+
+@dataclass
+class ExportBatch:
+    """Validated exports of one event type, by day, for the :class:`ExportIOManager`.
+
+    ``not_exported`` maps days of the output that get no files to ``(status, reason)``;
+    the IO manager fills ``written`` (day -> file records) as each day's upload completes.
+    """
+
+    event_type: str
+    exports: dict[str, PreparedExport]
+    not_exported: dict[str, tuple[str, str]] = field(default_factory=dict)
+    written: dict[str, list[FileRecord]] = field(default_factory=dict)
+
+
+@dataclass
+class ManifestBatch:
+    """Manifests to publish, by day; ``not_exported`` as in :class:`ExportBatch`.
+
+    The IO manager fills ``published`` (day -> the manifest's URI).
+    """
+
+    manifests: dict[str, dict]
+    not_exported: dict[str, tuple[str, str]] = field(default_factory=dict)
+    published: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LookupTables:
+    """Lookup tables by kind (flows, checklists, ...), for the :class:`LookupsIOManager`."""
+
+    tables: dict
 
 
 def column_schema(event_type: str, exclude_columns) -> dg.TableSchema:
-    """The export's columns as a Dagster TableSchema (shown in the UI)."""
+    """The export's columns as a Dagster TableSchema (Userpilot Event Schema; shown in the UI)."""
     return dg.TableSchema(
         columns=[
-            dg.TableColumn(
-                name=c.name,
-                type=str(c.arrow_type),
-                description=c.description,
-                constraints=dg.TableColumnConstraints(nullable=c.nullable),
-            )
+            dg.TableColumn(name=c.name, type=str(c.arrow_type), description=c.description,
+                           constraints=dg.TableColumnConstraints(nullable=c.nullable))
             for c in export_columns(event_type, exclude_columns)
         ]
     )
 
 
-@dataclass
-class ExportBatch:
-    """Prepared exports of one event type, per partition; ``failed`` maps bad days to the error."""
-
-    event_type: str
-    exports: dict[str, PreparedExport]
-    failed: dict[str, str] = field(default_factory=dict)
+def _file_entries(storage: Storage, layout, files: list[FileRecord]) -> list[dict]:
+    return [{**f.to_dict(), "uri": storage.uri(layout.key(f.path))} for f in files]
 
 
-@dataclass
-class ManifestBatch:
-    """Manifests to write, per partition; ``failed`` maps days that get no manifest to why."""
+class _DestinationIOManager(dg.ConfigurableIOManager):
+    """Shared plumbing: the sync job, its destination and the ledger of earlier runs."""
 
-    manifests: dict[str, dict]
-    failed: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LookupTables:
-    """Lookup tables by kind (flows, checklists, ...), handed to the destination IO manager."""
-
-    tables: dict
-
-
-class StagingIOManager(dg.IOManager):
-    """Hands staged partitions from ``<job>/raw_events`` to the export assets."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def handle_output(self, context: dg.OutputContext, obj) -> None:
-        # The stager already wrote the data and its staged.json records.
-        return None
-
-    def load_input(self, context: dg.InputContext) -> dict[str, StagedDay]:
-        """Staged days of the run's partitions; days without staging (refused, or staging already
-        removed) are left out and reported by the export asset."""
-        sync_job = context.asset_key.path[0]
-        staged = {}
-        for partition in context.asset_partition_keys:
-            folder = partition_dir(self.root, sync_job, partition)
-            if (folder / "staged.json").exists():
-                staged[partition] = StagedDay.load(folder)
-        return staged
-
-
-def _instance(context: dg.OutputContext) -> dg.DagsterInstance:
-    return context.step_context.instance
-
-
-class DestinationIOManager(dg.IOManager):
-    """Writes one sync job's exports, manifests and definitions to its destination (write-only)."""
-
-    def __init__(self, job: SyncJob, staging_root: Path):
-        self.job = job
-        self.staging_root = Path(staging_root)
+    destination: DestinationResource
+    #: Local folder for encoded files before upload (under the staging root).
+    work_dir: str
 
     @property
-    def layout(self) -> Layout:
-        return layout_for(self.job)
+    def job(self):
+        return self.destination.job
 
-    def _storage(self, context: dg.OutputContext, partitions: list[str]) -> tuple[Storage, dict[str, dict[str, int]]]:
-        """A storage for this output, with the GCS generations recorded for its partitions."""
+    def _ledger(self, context: dg.OutputContext) -> Ledger:
+        return Ledger(context.step_context.instance, SyncJobKeys(self.job))
+
+    def _storage_for(self, context: dg.OutputContext, days: list[str]) -> tuple[Storage, dict[str, dict[str, int]]]:
+        """A storage with the GCS generations the ledger recorded for ``days`` of this asset."""
         recorded: dict[str, dict[str, int]] = {}
         if self.job.destination.kind == "gcs":
-            instance = _instance(context)
-            for pk in partitions:
-                # the newest record wins: a materialization, or the observation a failed write left
-                flt = dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[pk])
-                candidates = [
-                    *instance.fetch_materializations(flt, limit=1).records,
-                    *instance.fetch_observations(flt, limit=1).records,
-                ]
-                newest = max(candidates, key=lambda r: r.storage_id, default=None)
-                event = None if newest is None else (newest.asset_materialization or newest.asset_observation)
-                recorded[pk] = dict((metadata_value(event, GENERATIONS_KEY) or {}).get(pk, {}))
+            ledger = self._ledger(context)
+            recorded = {pk: ledger.generations(context.asset_key, pk) for pk in days}
         merged = {k: v for gens in recorded.values() for k, v in gens.items()}
-        return build_storage(self.job, generations=merged), recorded
+        try:
+            return self.destination.storage(generations=merged), recorded
+        except UserpilotSyncError as exc:
+            label = days[0] if len(days) == 1 else f"{days[0]}..{days[-1]}" if days else None
+            raise self._fail(context, label, str(exc)) from None
 
     @staticmethod
-    def _generations_by_partition(storage: Storage, keys_by_pk: dict[str, list[str]], recorded) -> dict:
+    def _generations(storage: Storage, recorded: dict[str, int], keys: list[str]) -> dict[str, int] | None:
         written = getattr(storage, "written", None)
         if written is None:
-            return {}
-        out = {}
-        for pk, keys in keys_by_pk.items():
-            gens = dict(recorded.get(pk, {}))
-            gens.update({k: written[k] for k in keys if k in written})
-            for k in getattr(storage, "deleted", []):
-                gens.pop(k, None)
-            out[pk] = gens
-        return out
+            return None
+        gens = dict(recorded)
+        gens.update({k: written[k] for k in keys if k in written})
+        for k in getattr(storage, "deleted", []):
+            gens.pop(k, None)
+        return gens
 
-    def _record_partial_writes(self, context: dg.OutputContext, storage: Storage, keys_by_pk, recorded,
-                               uploaded: dict[str, list[FileRecord]] | None = None) -> None:
-        """After a failed write, keep what was already uploaded as an asset observation: the paths
-        (so a later manifest lists them as superseded) and, on GCS, their generations (so the next
-        run's preconditions match)."""
-        generations = self._generations_by_partition(storage, keys_by_pk, recorded)
-        for pk in sorted(set(generations) | set(uploaded or {})):
-            metadata = {"reason": "write failed after some uploads; kept for the next run"}
-            if generations.get(pk, {}) != recorded.get(pk, {}):
-                metadata[GENERATIONS_KEY] = dg.MetadataValue.json({pk: generations[pk]})
-            if (uploaded or {}).get(pk):
-                metadata[FILES_KEY] = dg.MetadataValue.json({pk: [f.to_dict() for f in uploaded[pk]]})
-            if len(metadata) > 1:
-                _instance(context).report_runless_asset_event(
-                    dg.AssetObservation(asset_key=context.asset_key, partition=pk, metadata=metadata)
-                )
+    def _fail(self, context: dg.OutputContext, label: str | None, cause: str) -> dg.Failure:
+        """A one-line-cause failure, also put on the run as its ``userpilot_sync/failure`` tag."""
+        exc = failure(self.job.name, label, cause)
+        tag_run(context.step_context.instance, context.run_id, exc)
+        return exc
 
-    def handle_output(self, context: dg.OutputContext, obj) -> None:
-        if isinstance(obj, ExportBatch):
-            self._write_exports(context, obj)
-        elif isinstance(obj, ManifestBatch):
-            self._write_manifests(context, obj)
-        elif isinstance(obj, LookupTables):
-            self._write_definitions(context, obj)
-        else:  # pragma: no cover - wiring error
-            raise TypeError(f"DestinationIOManager cannot write {type(obj).__name__}")
+    def _record_day(self, context: dg.OutputContext, partition: str, metadata: dict) -> None:
+        context.step_context.add_asset_metadata(metadata, asset_key=context.asset_key, partition_key=partition)
 
-    # ------------------------------------------------------------------ exports
-    def _write_exports(self, context: dg.OutputContext, batch: ExportBatch) -> None:
-        storage, recorded = self._storage(context, sorted(batch.exports))
-        files: dict[str, list[dict]] = {}
-        counts: dict[str, dict] = {}
-        keys_by_pk: dict[str, list[str]] = {}
+    def _record_not_exported(self, context: dg.OutputContext, not_exported: dict[str, tuple[str, str]],
+                             recorded: dict[str, dict[str, int]]) -> None:
+        for pk, (status, reason) in sorted(not_exported.items()):
+            if pk not in context.asset_partition_keys:
+                continue
+            extra = {"reason": reason}
+            if self.job.destination.kind == "gcs":  # the newest record must keep the preconditions
+                extra[GENERATIONS_KEY] = recorded.get(pk) or self._ledger(context).generations(context.asset_key, pk)
+            self._record_day(context, pk, record_metadata(self.job, status, **extra))
+
+    def load_input(self, context: dg.InputContext):
+        raise NotImplementedError(
+            f"sync job {self.job.name!r}: exports are never read back from the destination (write-only)"
+        )
+
+
+class ExportIOManager(_DestinationIOManager):
+    """Writes one event type's exports in every format of the sync job, day by day.
+
+    Per day it records ``dagster/row_count`` (rows exported), ``dagster/uri`` (the first file),
+    ``bytes``, ``files``, ``rows_received`` (rows of the event type the source delivered),
+    ``duplicates_dropped``, ``filtered_out`` and ``userpilot/files`` (every file: path, uri,
+    format, compression, part, rows, bytes, sha256). A failed upload keeps what was uploaded as
+    an observation (ledger) and raises DestinationError.
+    """
+
+    def handle_output(self, context: dg.OutputContext, batch: ExportBatch) -> None:
+        storage, recorded = self._storage_for(context, sorted(batch.exports))
+        layout = layout_for(self.job)
+        ledger = self._ledger(context)
         for pk in sorted(batch.exports):
             prepared = batch.exports[pk]
-            work = partition_dir(self.staging_root, self.job.name, pk) / "write" / prepared.event_type
+            work = Path(self.work_dir) / self.job.name / pk / "write" / prepared.event_type
             uploaded: list[FileRecord] = []
             try:
                 written = write_export(prepared, self.job, storage, work, uploaded=uploaded)
-            except Exception:
-                # object keys carry the partition (".../<day>/..." or ".../date=<day>/...")
-                keys_by_pk[pk] = [k for k in getattr(storage, "written", {}) if pk in k]
-                self._record_partial_writes(context, storage, keys_by_pk, recorded, {pk: uploaded})
+            except Exception as exc:
+                keys = [k for k in getattr(storage, "written", {}) if pk in k]
+                ledger.record_partial_write(context.asset_key, pk, _file_entries(storage, layout, uploaded),
+                                            self._generations(storage, recorded.get(pk, {}), keys),
+                                            reason="the upload failed after these files were written")
+                for done in sorted(batch.written):  # days of this output already complete
+                    done_keys = [layout.key(f.path) for f in batch.written[done]]
+                    ledger.record_partial_write(context.asset_key, done, _file_entries(storage, layout, batch.written[done]),
+                                                self._generations(storage, recorded.get(done, {}), done_keys),
+                                                reason="written by a run that failed later")
+                if isinstance(exc, UserpilotSyncError):
+                    raise self._fail(context, pk, f"event type {prepared.event_type!r}: {exc}") from None
                 raise
-            files[pk] = [f.to_dict() for f in written.files]
-            keys_by_pk[pk] = written.keys
-            counts[pk] = {
-                "rows": prepared.rows,
-                "rows_staged": prepared.rows_staged,
-                "filtered_out": prepared.filtered_out,
+            batch.written[pk] = written.files
+            files = _file_entries(storage, layout, written.files)
+            metadata = record_metadata(
+                self.job, STATUS_EXPORTED,
+                **{FILES_KEY: files},
+            )
+            metadata.update({
+                "dagster/row_count": prepared.rows,
+                "dagster/uri": files[0]["uri"] if files else storage.uri(layout.root),
+                "bytes": sum(f.bytes for f in written.files),
+                "files": len(written.files),
+                "rows_received": prepared.rows_staged,
                 "duplicates_dropped": prepared.duplicates_dropped,
-                "unknown_sources": prepared.unknown_sources,
-                "unknown_statuses": prepared.unknown_statuses,
-                "entity_types": prepared.entity_types,
-            }
-        all_files = [f for pk in files for f in files[pk]]
-        exclude = next(iter(batch.exports.values())).exclude_columns if batch.exports else self.job.filters.exclude_columns
-        one_day = len(context.asset_partition_keys) == 1
-        if one_day and all_files:
-            uri = storage.uri(self.layout.key(all_files[0]["path"]))
-        else:
-            uri = storage.uri(self.layout.root)
-        metadata = {
-            "rows": sum(c["rows"] for c in counts.values()),
-            "dagster/uri": uri,
-            "dagster/column_schema": column_schema(batch.event_type, exclude),
-            "bytes": sum(f["bytes"] for f in all_files),
-            "files": len(all_files),
+                "filtered_out": prepared.filtered_out,
+            })
+            gens = self._generations(storage, recorded.get(pk, {}), written.keys)
+            if gens is not None:
+                metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)
+            self._record_day(context, pk, metadata)
+        self._record_not_exported(context, batch.not_exported, recorded)
+        context.add_output_metadata({
+            "dagster/column_schema": column_schema(batch.event_type, self.job.filters.exclude_columns),
             "formats": ", ".join(f.label for f in self.job.formats),
-            "partitions": ", ".join(sorted(files)) if len(files) <= 3 else f"{min(files)}..{max(files)} ({len(files)} days)",
-            "duplicates_dropped": sum(c["duplicates_dropped"] for c in counts.values()),
-            "filtered_out": sum(c["filtered_out"] for c in counts.values()),
-            FILES_KEY: dg.MetadataValue.json(files),
-            COUNTS_KEY: dg.MetadataValue.json(counts),
-            FAILED_KEY: dg.MetadataValue.json(batch.failed),
-            FINGERPRINT_KEY: destination_fingerprint(self.job),
-        }
-        if one_day and batch.exports:
-            # Dagster gives every partition of a ranged output the same metadata, so the per-day
-            # row count is only set for one-day outputs (ranges: see userpilot/counts per day).
-            metadata["dagster/row_count"] = metadata["rows"]
-        gens = self._generations_by_partition(storage, keys_by_pk, recorded)
-        if gens:
-            metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)
-        context.add_output_metadata(metadata)
+        })
 
-    # ------------------------------------------------------------------ manifests
-    def _write_manifests(self, context: dg.OutputContext, batch: ManifestBatch) -> None:
-        storage, recorded = self._storage(context, sorted(batch.manifests))
-        keys_by_pk: dict[str, list[str]] = {}
-        files: dict[str, list[dict]] = {}
-        deleted: dict[str, list[str]] = {}
-        removed: list[str] = []
+
+class ManifestIOManager(_DestinationIOManager):
+    """Publishes each day's manifest (written after every data file of the day), then deletes the
+    superseded files it lists where the sync job allows deletes.
+
+    Per day it records ``dagster/uri`` (the manifest), ``dagster/row_count`` (rows exported, all
+    event types), ``files``, ``bytes``, ``rows_received``, ``userpilot/files``,
+    ``userpilot/superseded``, ``userpilot/deleted`` and the manifest itself. Raises
+    DestinationError when an upload or a delete fails.
+    """
+
+    def handle_output(self, context: dg.OutputContext, batch: ManifestBatch) -> None:
+        storage, recorded = self._storage_for(context, sorted(batch.manifests))
+        layout = layout_for(self.job)
         allow_deletes = bool(getattr(self.job.destination, "allow_deletes", False))
         for pk in sorted(batch.manifests):
             manifest = batch.manifests[pk]
             try:
                 key = write_manifest(manifest, self.job, storage)
-            except Exception:
-                self._record_partial_writes(context, storage, keys_by_pk, recorded)
+            except Exception as exc:
+                self._ledger(context).record_partial_write(
+                    context.asset_key, pk, [], self._generations(storage, recorded.get(pk, {}), []),
+                    reason="the manifest upload failed")
+                if isinstance(exc, UserpilotSyncError):
+                    raise self._fail(context, pk, f"manifest: {exc}") from None
                 raise
-            keys_by_pk[pk] = [key]
-            files[pk] = manifest["files"]
-            deleted[pk] = delete_superseded(storage, self.layout, manifest["deleted"], allow_deletes=allow_deletes)
-            removed.extend(self._clean_staging(pk))
-        manifests = list(batch.manifests.values())
-        metadata = {
-            "rows": sum(sum(m["event_types"].values()) for m in manifests),
-            "files": sum(len(m["files"]) for m in manifests),
-            "bytes": sum(f["bytes"] for m in manifests for f in m["files"]),
-            "source_rows": sum(m["source"].get("source_rows", 0) for m in manifests),
-            "superseded": dg.MetadataValue.json({pk: m["superseded"] for pk, m in batch.manifests.items()}),
-            "deleted": dg.MetadataValue.json(deleted),
-            "staging_removed": dg.MetadataValue.json(removed),
-            FILES_KEY: dg.MetadataValue.json(files),
-            FAILED_KEY: dg.MetadataValue.json(batch.failed),
-            FINGERPRINT_KEY: destination_fingerprint(self.job),
-        }
-        if len(context.asset_partition_keys) == 1 and len(manifests) == 1:
-            metadata["dagster/row_count"] = metadata["rows"]
-            metadata["dagster/uri"] = storage.uri(keys_by_pk[manifests[0]["partition"]][0])
-            metadata["manifest"] = dg.MetadataValue.json(manifests[0])
-        else:
-            metadata["dagster/uri"] = storage.uri(self.layout.root)
-        gens = self._generations_by_partition(storage, keys_by_pk, recorded)
-        if gens:
-            metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)
-        context.add_output_metadata(metadata)
-
-    # ------------------------------------------------------------------ definitions
-    def _write_definitions(self, context: dg.OutputContext, lookups: LookupTables) -> None:
-        from userpilot_sync.source.lookups import write_definitions
-
-        work = self.staging_root / self.job.name
-        work.mkdir(parents=True, exist_ok=True)
-        storage = build_storage(self.job)
-        written = write_definitions(self.job, storage, lookups.tables, work_dir=work)
-        context.add_output_metadata(
-            {
-                "dagster/row_count": sum(f.rows for f in written),
-                "dagster/uri": storage.uri(self.layout.key("definitions")),
-                "bytes": sum(f.bytes for f in written),
-                "files": dg.MetadataValue.json([f.__dict__ for f in written]),
-                FINGERPRINT_KEY: destination_fingerprint(self.job),
-            }
-        )
-
-    def _clean_staging(self, partition: str) -> list[str]:
-        """Remove staged data once the manifest is written (or older than keep_staging_days)."""
-        keep = self.job.keep_staging_days
-        removed = []
-        if keep == 0:
-            if remove_staged(self.staging_root, self.job.name, partition):
-                removed.append(partition)
-            return removed
-        cutoff = parse_partition(partition) - timedelta(days=keep)
-        job_dir = self.staging_root / self.job.name
-        for folder in sorted(job_dir.glob("????-??-??")) if job_dir.is_dir() else []:
             try:
-                day = parse_partition(folder.name)
-            except ValueError:
-                continue
-            if day < cutoff and remove_staged(self.staging_root, self.job.name, folder.name):
-                removed.append(folder.name)
-        return removed
+                deleted = delete_superseded(storage, layout, manifest["deleted"], allow_deletes=allow_deletes)
+            except UserpilotSyncError as exc:
+                raise self._fail(context, pk, f"the manifest was written, deleting superseded files failed: {exc}") from None
+            batch.published[pk] = storage.uri(key)
+            files = manifest["files"]
+            metadata = record_metadata(
+                self.job, STATUS_EXPORTED,
+                **{FILES_KEY: [{**f, "uri": storage.uri(layout.key(f["path"]))} for f in files],
+                   SUPERSEDED_KEY: manifest["superseded"], DELETED_KEY: deleted},
+            )
+            metadata.update({
+                "dagster/uri": storage.uri(key),
+                "dagster/row_count": sum(manifest["event_types"].values()),
+                "files": len(files),
+                "bytes": sum(f["bytes"] for f in files),
+                "rows_received": manifest["source"].get("source_rows", 0),
+                "manifest": dg.MetadataValue.json(manifest),
+            })
+            gens = self._generations(storage, recorded.get(pk, {}), [key])
+            if gens is not None:
+                metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)
+            self._record_day(context, pk, metadata)
+        self._record_not_exported(context, batch.not_exported, recorded)
 
-    def load_input(self, context: dg.InputContext):
-        raise NotImplementedError(
-            "exports are never read back from the destination (write-only); depend on the export's asset key "
-            "with deps= instead of loading it"
-        )
 
+class LookupsIOManager(_DestinationIOManager):
+    """Writes the lookup tables to ``<sync folder>/lookups/<kind>.parquet`` (not partitioned).
 
-def files_from_metadata(value, partition: str) -> list[FileRecord]:
-    """FileRecords of one partition from a ``userpilot/files`` metadata value ({partition: [...]})."""
-    if isinstance(value, str):
-        value = json.loads(value)
-    return [FileRecord(**f) for f in (value or {}).get(partition, [])]
+    Records ``dagster/row_count`` (all tables), ``dagster/uri`` (the lookups folder), ``bytes``
+    and every file (kind, path, rows, bytes, sha256). Raises DestinationError.
+    """
+
+    def handle_output(self, context: dg.OutputContext, lookups: LookupTables) -> None:
+        from userpilot_sync.destination.lookups import write_lookups
+
+        work = Path(self.work_dir) / self.job.name
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            storage = self.destination.storage()
+            written = write_lookups(self.job, storage, lookups.tables, work_dir=work)
+        except UserpilotSyncError as exc:
+            raise self._fail(context, None, f"lookups: {exc}") from None
+        layout = layout_for(self.job)
+        metadata = record_metadata(self.job, STATUS_EXPORTED,
+                                   **{FILES_KEY: [{**f.__dict__, "uri": storage.uri(layout.key(f.path))} for f in written]})
+        metadata.update({
+            "dagster/row_count": sum(f.rows for f in written),
+            "dagster/uri": storage.uri(layout.key("lookups")),
+            "bytes": sum(f.bytes for f in written),
+            "files": len(written),
+        })
+        context.add_output_metadata(metadata)

@@ -44,7 +44,7 @@ class CheckResult:
 
 def marker_key(job: SyncJob) -> str:
     """Object key of the connection-check marker of ``job``."""
-    from userpilot_sync.destination.writer import layout_for
+    from userpilot_sync.destination.layout import layout_for
 
     return layout_for(job).key(f"{CHECK_FOLDER}/{job.name}.json")
 

@@ -18,6 +18,10 @@ byte-identical files.
 
 Files are rotated into parts when ``max_rows`` rows or (approximately, after the row group
 that crosses it) ``max_bytes`` bytes are reached.
+
+Timestamps must carry a time zone (the pipeline's are UTC): a naive timestamp column is refused
+by every writer, since Avro would shift it by the host's UTC offset and the other formats would
+label it UTC without knowing.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from userpilot_sync.config.model import FormatSpec
+from userpilot_sync.errors import DestinationError
 
 ROW_GROUP_ROWS = 65_536
 AVRO_SYNC_MARKER = b"userpilot_sync\x00\x01"  # 16 bytes, fixed for byte-identical files
@@ -124,10 +129,39 @@ def _avro_schema(schema: pa.Schema, name: str) -> dict:
     return {"type": "record", "name": name, "namespace": "io.userpilot_sync", "fields": fields}
 
 
+def _naive_timestamps(schema: pa.Schema | pa.StructType, parent: str = "") -> list[str]:
+    """Names of the timestamp columns (nested fields too) that have no time zone."""
+    naive = []
+    for f in schema:
+        name = f"{parent}{f.name}"
+        if pa.types.is_timestamp(f.type) and f.type.tz is None:
+            naive.append(name)
+        elif pa.types.is_struct(f.type):
+            naive.extend(_naive_timestamps(f.type, f"{name}."))
+    return naive
+
+
+def check_timestamps(schema: pa.Schema, name: str) -> None:
+    """Refuse timestamp columns without a time zone before anything is written.
+
+    Raises DestinationError naming ``name`` (the export) and the columns: an Avro
+    ``timestamp-micros`` of a naive value would be shifted by the host's UTC offset, and the
+    other formats would label local times as UTC.
+    """
+    naive = _naive_timestamps(schema)
+    if naive:
+        raise DestinationError(
+            f"export {name}: timestamp column(s) {naive} have no time zone; the writers only accept "
+            "time-zone-aware timestamps (the pipeline's are UTC). Convert them first, e.g. "
+            "pl.col(c).dt.replace_time_zone('UTC') when the values are UTC. Nothing was written."
+        )
+
+
 class _PartWriter:
     """Writes one part file of one format; ``size`` is the bytes written so far."""
 
     def __init__(self, path: Path, spec: FormatSpec, schema: pa.Schema, name: str):
+        check_timestamps(schema, name)
         self.path = path
         self.spec = spec
         self.schema = schema
@@ -213,7 +247,9 @@ def write_parts(
 
     Always returns at least one part (an empty export is a file with 0 rows and the schema).
     Part files are named ``<name>.<n>.<extension>`` locally; the layout names them on upload.
+    Raises DestinationError, before writing anything, when a timestamp column has no time zone.
     """
+    check_timestamps(schema, name)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     group = min(ROW_GROUP_ROWS, max_rows) if max_rows else ROW_GROUP_ROWS

@@ -18,6 +18,10 @@ day's export is split into several files.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from userpilot_sync.config.model import SyncJob
 
 MANIFEST_NAME = "_manifest.json"
 
@@ -53,6 +57,11 @@ class Layout:
             return f"_manifests/date={partition}/{MANIFEST_NAME}"
         return f"{partition}/{MANIFEST_NAME}"
 
-    def definitions_path(self, kind: str) -> str:
-        """Path (relative to the sync folder) of a lookup/definitions file."""
-        return f"definitions/{kind}.parquet"
+    def lookups_path(self, kind: str) -> str:
+        """Path (relative to the sync folder) of one lookup table (flows, checklists, ...)."""
+        return f"lookups/{kind}.parquet"
+
+
+def layout_for(job: "SyncJob") -> Layout:
+    """The object-key layout of a sync job's destination (its ``layout``, prefix and sync folder)."""
+    return Layout(kind=job.layout, prefix=job.destination.prefix, sync_folder=job.sync_folder)

@@ -9,9 +9,9 @@ What the exporter sends (and nothing else):
   parts are left;
 * ``DeleteObject`` only when the sync job sets ``allow_deletes: true``.
 
-It never calls HeadObject, GetObject or List*: boto3's managed transfer (``upload_file``) is not
-used because its behaviour (threads, retries) is not under our control; the multipart protocol
-is spoken directly instead.
+It never calls HeadObject, GetObject or List*. boto3's managed transfer (``upload_file``) is not
+used: its threads, retries and part checksums are not under the exporter's control, and a failed
+upload must be aborted for sure; the multipart protocol is spoken directly instead.
 
 Integrity (``checksum``): ``when_supported``/``crc32`` send a CRC32 per request (composite CRC32
 for multipart), ``sha256`` a SHA-256, ``when_required`` a Content-MD5 (accepted by stores that

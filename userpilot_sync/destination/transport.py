@@ -1,47 +1,33 @@
 """Transport rules shared by the object-store destinations (S3, GCS).
 
 * HTTPS is required for every endpoint that is not loopback (``127.0.0.0/8``, ``::1``,
-  ``localhost``): credentials and data never travel in clear text over a network.
+  ``localhost``): credentials and data never travel in clear text over a network. The rule
+  itself lives in :mod:`userpilot_sync.net` (shared with the config and the sources); this
+  module raises it as a DestinationError.
 * Retry timing (attempts, backoff in seconds) is one small value object so tests can make it fast.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
+from userpilot_sync import net
 from userpilot_sync.errors import DestinationError
 
-
-def is_loopback_host(host: str | None) -> bool:
-    """True when ``host`` (name or IP literal) is the local machine's loopback interface."""
-    if not host:
-        return False
-    host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+#: The old name of :func:`userpilot_sync.net.is_loopback` (one loopback rule for the whole project).
+is_loopback_host = net.is_loopback
 
 
 def require_https(url: str, what: str) -> str:
-    """Return ``url`` when it is HTTPS, or plain HTTP to a loopback host.
+    """Return ``url`` when it is HTTPS, or plain HTTP to a loopback host (:func:`userpilot_sync.net.require_https`).
 
     Raises DestinationError naming ``what`` (e.g. ``"S3 endpoint_url"``) otherwise. A URL without
     a scheme (``host:port``, as ``STORAGE_EMULATOR_HOST`` is often given) is judged as HTTP.
     """
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme == "https":
-        return url
-    if parts.scheme == "http" and is_loopback_host(parts.hostname):
-        return url
-    raise DestinationError(
-        f"{what} {parts.scheme}://{parts.hostname or ''} is not allowed: endpoints that are not loopback "
-        "must use https://"
-    )
+    try:
+        return net.require_https(url, what)
+    except net.InsecureUrlError as exc:
+        raise DestinationError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,10 @@ from pathlib import Path
 
 from userpilot_sync.config.model import SyncJob
 from userpilot_sync.destination.formats import CONTENT_TYPES, write_parts
-from userpilot_sync.destination.layout import Layout
+from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.destination.manifest import FileRecord, manifest_bytes
 from userpilot_sync.destination.storage import Storage
 from userpilot_sync.export import PreparedExport
-
-
-def layout_for(job: SyncJob) -> Layout:
-    """The object-key layout of a sync job's destination."""
-    return Layout(kind=job.layout, prefix=job.destination.prefix, sync_folder=job.sync_folder)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Lookups ("definitions"): the names behind the IDs in ``event_name`` and ``entity_id``.
+"""Lookups: the names behind the IDs in ``event_name`` and ``entity_id``.
 
 The Bulk Data Export API serves them under ``/api/v1/analytics/exports/lookups/<kind>`` with
 cursor pagination (``limit``, ``after`` -> ``metadata.cursor.after``, ``metadata.total_count``).
@@ -34,32 +34,26 @@ record as the API sent it (JSON text, keys sorted), so nothing the API adds is l
 
 Every table is validated with a pandera (polars) schema: dtypes, ``id`` unique and not empty,
 ``entity_type`` lower-case. :func:`demo_lookup_records` gives the demo app's definitions
-(matching the ids the demo generator and the emulator use); :func:`write_definitions` writes
-tables to ``<sync folder>/definitions/<kind>.parquet`` through a write-only Storage.
+(matching the ids the demo generator and the emulator use); the destination's
+:func:`~userpilot_sync.destination.lookups.write_lookups` writes the tables.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import pandera.errors
 import pandera.polars as pa_pl
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from userpilot_sync.errors import ValidationError
 from userpilot_sync.source.demo import FEATURE_TAGS, INTERACTION_ENTITIES, TRACK_EVENTS
 
 if TYPE_CHECKING:  # pragma: no cover
     from userpilot_sync.config.model import SyncJob
-    from userpilot_sync.destination.storage import Storage
     from userpilot_sync.source.export_api import ExportApiSource
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -328,8 +322,8 @@ def fetch_lookups(source: "ExportApiSource", kinds: Iterable[str] = LOOKUP_KINDS
         return {kind: _fetch(client, kind, page_size) for kind in kinds}
 
 
-def definitions_for_job(job: "SyncJob", kinds: Iterable[str] = LOOKUP_KINDS, *, source=None) -> dict[str, pa.Table]:
-    """Definitions of a sync job's app: demo -> the demo tables, export_api -> fetched from the API.
+def lookups_for_job(job: "SyncJob", kinds: Iterable[str] = LOOKUP_KINDS, *, source=None) -> dict[str, pa.Table]:
+    """Lookup tables of a sync job's app: demo -> the demo tables, export_api -> fetched from the API.
 
     A ``files`` source has no lookups (returns ``{}``). ``source`` overrides the job's source
     (an :class:`~userpilot_sync.source.export_api.ExportApiSource` with test clocks, say).
@@ -345,37 +339,3 @@ def definitions_for_job(job: "SyncJob", kinds: Iterable[str] = LOOKUP_KINDS, *, 
             source = ExportApiSource.from_config(job)
         return fetch_lookups(source, kinds)
     return {}
-
-
-# ---------------------------------------------------------------------------------- writing
-@dataclass(frozen=True)
-class DefinitionsFile:
-    """One written definitions file: path relative to the sync folder, rows, bytes, sha256."""
-
-    kind: str
-    path: str
-    rows: int
-    bytes: int
-    sha256: str
-
-
-def write_definitions(job: "SyncJob", storage: "Storage", tables: Mapping[str, pa.Table],
-                      work_dir: Path | None = None) -> list[DefinitionsFile]:
-    """Write each table to ``<sync folder>/definitions/<kind>.parquet`` (zstd, deterministic bytes).
-
-    Raises DestinationError (from the storage).
-    """
-    from userpilot_sync.destination.writer import layout_for
-
-    layout = layout_for(job)
-    written: list[DefinitionsFile] = []
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        for kind in sorted(tables):
-            table = tables[kind].cast(lookup_arrow_schema(kind))
-            path = Path(tmp) / f"{kind}.parquet"
-            pq.write_table(table, path, compression="zstd")
-            data = path.read_bytes()
-            rel = layout.definitions_path(kind)
-            storage.put_file(layout.key(rel), path, content_type="application/vnd.apache.parquet")
-            written.append(DefinitionsFile(kind, rel, table.num_rows, len(data), hashlib.sha256(data).hexdigest()))
-    return written

@@ -11,7 +11,9 @@ The record shape of Bulk Data Export chunks is not documented, so reading is len
 * missing optional columns -> null; missing ``internal_event_id`` (or null) -> computed with the
   documented recipe;
 * columns the Event Schema does not know are dropped and reported (never exported until the
-  schema version says so).
+  schema version says so);
+* text must be valid UTF-8: string and binary columns (any chunk format) are checked with
+  Arrow's full validation before polars sees them; ``binary`` columns become text.
 
 Errors (:class:`~userpilot_sync.errors.SourceError`) name the column and sample values.
 """
@@ -81,6 +83,13 @@ def _metadata_expr(dtype: pl.DataType) -> pl.Expr:
     return col.map_elements(_canonical_json, return_dtype=pl.Utf8, skip_nulls=True)
 
 
+def _require_columns(columns: list[str], where: str) -> None:
+    """Raise SourceError naming ``where`` and the columns when a column every event needs is missing."""
+    for required in ("event_type", "inserted_at"):
+        if required not in columns:
+            raise SourceError(f"{where}: column {required!r} is missing; columns are {sorted(columns)}")
+
+
 def normalize_frame(frame: pl.DataFrame, where: str = "source chunk") -> tuple[pl.DataFrame, NormalizeReport]:
     """Normalise one chunk batch to the staged shape (all Event Schema columns, in order).
 
@@ -88,9 +97,7 @@ def normalize_frame(frame: pl.DataFrame, where: str = "source chunk") -> tuple[p
     cannot be read (unparseable timestamps or screen sizes, missing required columns).
     """
     report = NormalizeReport(unknown_columns=set(frame.columns) - set(COLUMN_NAMES))
-    for required in ("event_type", "inserted_at"):
-        if required not in frame.columns:
-            raise SourceError(f"{where}: column {required!r} is missing; columns are {sorted(frame.columns)}")
+    _require_columns(frame.columns, where)
     exprs: list[pl.Expr] = []
     for col in EVENT_COLUMNS:
         name = col.name
@@ -150,8 +157,90 @@ def normalize_frame(frame: pl.DataFrame, where: str = "source chunk") -> tuple[p
     return out, report
 
 
+def _has_text(t: pa.DataType) -> bool:
+    """True when values of type ``t`` hold text or bytes (at any nesting level)."""
+    if pa.types.is_dictionary(t):
+        return _has_text(t.value_type)
+    if pa.types.is_nested(t):
+        return any(_has_text(t.field(i).type) for i in range(t.num_fields))
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_string_view(t) or pa.types.is_binary_view(t))
+
+
+def _bad_bytes(scalar: pa.Scalar) -> bytes | None:
+    """The bytes that fail to decode in one (nested, dictionary, view) value, or None if it is valid."""
+    try:
+        scalar.as_py()
+    except UnicodeDecodeError as exc:
+        return exc.object if isinstance(exc.object, bytes) else b""
+    return None
+
+
+def _not_utf8(column: pa.ChunkedArray) -> tuple[int, bytes | None]:
+    """How many values of ``column`` are not valid UTF-8, and the first of them (its bytes)."""
+    t = column.type
+    bad: list[bytes] = []
+    for chunk in column.chunks:
+        if pa.types.is_string(t) or pa.types.is_large_string(t):  # a view: no copy, no validation
+            chunk = chunk.view(pa.large_binary() if pa.types.is_large_string(t) else pa.binary())
+        if pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type) or pa.types.is_fixed_size_binary(chunk.type):
+            for value in chunk.to_pylist():
+                try:
+                    if value is not None:
+                        value.decode("utf-8")
+                except UnicodeDecodeError:
+                    bad.append(value)
+        else:  # nested, dictionary or view types: value by value (error path only)
+            bad.extend(b for b in (_bad_bytes(chunk[i]) for i in range(len(chunk))) if b is not None)
+    return len(bad), (bad[0] if bad else None)
+
+
+def _utf8_columns(table: pa.Table, where: str) -> pa.Table:
+    """``table`` with binary columns as text, after checking every text value is valid UTF-8.
+
+    Raises SourceError naming ``where``, the column, how many values are not UTF-8 and one of them.
+    """
+    for index, field in enumerate(table.schema):
+        if not _has_text(field.type):
+            continue
+        column = table.column(index)
+        t = field.type
+        try:
+            if pa.types.is_binary(t) or pa.types.is_fixed_size_binary(t) or pa.types.is_binary_view(t):
+                table = table.set_column(index, field.name, column.cast(pa.string()))
+            elif pa.types.is_large_binary(t):
+                table = table.set_column(index, field.name, column.cast(pa.large_string()))
+            else:
+                column.validate(full=True)
+        except pa.ArrowInvalid:
+            count, sample = _not_utf8(column)
+            shown = f", e.g. {sample[:48]!r}" if sample else ""
+            raise SourceError(
+                f"{where}: column {field.name!r} has {max(count, 1)} value(s) that are not valid UTF-8 text{shown}. "
+                "The chunk is corrupt or was not written as UTF-8; nothing was exported for this partition. "
+                "Fix or re-create the chunk (Export API: re-run the partition; if it repeats, report the chunk "
+                "to Userpilot), then export the partition again."
+            ) from None
+    return table
+
+
 def normalize_arrow(batch: pa.RecordBatch | pa.Table, where: str = "source chunk") -> tuple[pl.DataFrame, NormalizeReport]:
-    """:func:`normalize_frame` for an Arrow record batch or table."""
-    frame = pl.from_arrow(batch)
+    """:func:`normalize_frame` for an Arrow record batch or table.
+
+    Columns of the Event Schema holding text are validated as UTF-8 first (Arrow's full
+    validation; ``binary`` columns are cast to text); columns it does not know are reported and
+    dropped before polars reads the batch. Raises SourceError naming ``where`` and the column
+    for text that is not UTF-8, and everything :func:`normalize_frame` raises.
+    """
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    _require_columns(table.column_names, where)
+    unknown = set(table.column_names) - set(COLUMN_NAMES)
+    if unknown:
+        table = table.drop_columns(sorted(unknown))
+    table = _utf8_columns(table, where)
+    frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
-    return normalize_frame(frame, where)
+    out, report = normalize_frame(frame, where)
+    report.unknown_columns |= unknown
+    return out, report

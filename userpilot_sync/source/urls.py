@@ -1,24 +1,15 @@
-"""Small URL helpers shared by the Export API client, its emulator and the config model."""
+"""Small URL helpers of the Export API client and its emulator.
+
+``is_loopback`` is re-exported from :mod:`userpilot_sync.net`, the one home of the HTTPS/loopback rule.
+"""
 
 from __future__ import annotations
 
-import ipaddress
 from urllib.parse import urlsplit, urlunsplit
 
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+from userpilot_sync.net import is_loopback
 
-
-def is_loopback(host: str | None) -> bool:
-    """True when ``host`` (a name or IP literal, IPv6 with or without brackets) is loopback."""
-    if not host:
-        return False
-    host = host.strip("[]").lower()
-    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+__all__ = ["is_loopback", "redact_url"]
 
 
 def redact_url(url: str) -> str:

@@ -1,0 +1,313 @@
+"""The assets of one sync job: a day's export (one step) and the lookups.
+
+Lineage per sync job (key prefix and group = the sync job's name)::
+
+    <job>/raw_events  ->  <job>/<event_type> (one per selected event type)  ->  <job>/manifest
+
+These are the outputs of one multi-asset that cannot be subset: a day is one unit, so whatever
+part of a day a user selects, Dagster refuses the selection before a run is created unless it
+holds the whole day. The step, for its day or backfill range:
+
+1. refuses what may not be exported (disabled sync job, days outside the 365-day window, a changed
+   destination, GCS ``overwrite: refuse``) — nothing written;
+2. takes the per-day locks (``locks.py``; ascending days, bounded wait, held for this step only)
+   — the step already holds the app token's pool slot, so a lock holder is always inside its
+   export step and no two runs can wait on each other;
+3. extracts the range once and stages it per day; prepares (filters, de-duplicates, orders,
+   validates) every event type of every day before anything uploads;
+4. yields ``raw_events`` (records only), each export (the :class:`ExportIOManager` writes it) and
+   the manifests (the :class:`ManifestIOManager` publishes them last), each day with its own
+   metadata; then one check evaluation per check and day;
+5. fails with a one-line cause per day (``dg.Failure``) when a day could not be exported; the other
+   days of a range keep their exports and manifests.
+
+``<job>/lookups`` (own group ``<job>_lookups``, not partitioned) writes the lookup tables.
+"""
+
+
+from datetime import timedelta
+from typing import Iterator
+
+import dagster as dg
+
+from userpilot_sync.defs import checks
+from userpilot_sync.defs.failures import failure, tag_run
+from userpilot_sync.defs.io_managers import ExportBatch, LookupTables, ManifestBatch
+from userpilot_sync.defs.keys import STAGING_RESOURCE_KEY, SyncJobKeys
+from userpilot_sync.defs.ledger import (
+    ROWS_RECEIVED_KEY,
+    STATUS_EXPORTED,
+    STATUS_FAILED,
+    STATUS_REFUSED,
+    Ledger,
+    record_metadata,
+)
+from userpilot_sync.defs.recovery import worker_tags
+from userpilot_sync.defs.resources import SourceResource, StagingResource
+from userpilot_sync.errors import DestinationError, UserpilotSyncError, ValidationError, WindowError
+from userpilot_sync.partitions import check_in_window, consecutive_days, parse_partition
+from userpilot_sync.destination.superseded import superseded_paths
+from userpilot_sync.pipeline import extract_and_stage, manifest_for, prepare_day
+
+SOURCE_LABELS = {"demo": "the demo generator", "files": "local export files", "export_api": "the Bulk Data Export API"}
+
+
+def _label(partitions: list[str]) -> str:
+    return partitions[0] if len(partitions) == 1 else f"{partitions[0]}..{partitions[-1]}"
+
+
+class _Plan:
+    """The days a step exports and the days it refuses (with why)."""
+
+    def __init__(self, days: list[str], refused: dict[str, str]):
+        self.days = days
+        self.refused = refused
+
+
+def _plan(context: dg.AssetExecutionContext, keys: SyncJobKeys, ledger: Ledger) -> _Plan:
+    """Refuse what may not be exported; raises dg.Failure before anything is written."""
+    job = keys.job
+    partitions = list(context.partition_keys)
+    label = _label(partitions)
+    if not job.enabled:
+        raise failure(job.name, label,
+                      f"the sync job is disabled (enabled: false in {job.source_file or 'its file'}): no new exports "
+                      f"are made and files already exported stay untouched. Set enabled: true to export it.")
+    try:
+        ordered = consecutive_days(partitions)
+    except ValueError as exc:
+        raise failure(job.name, label, f"{exc}; partitions are UTC days. Nothing was written.") from None
+    if not ordered:
+        raise failure(job.name, label, "the run's partitions are not consecutive UTC days; launch the backfill "
+                                       "again once the partition window sensor has re-ordered them. Nothing was written.")
+    refused: dict[str, str] = {}
+    for pk in partitions:
+        try:
+            check_in_window(job.name, parse_partition(pk))
+        except WindowError as exc:
+            refused[pk] = str(exc)
+    if len(refused) == len(partitions):
+        raise failure(job.name, label, "\n".join(refused[pk] for pk in partitions))
+    try:
+        ledger.check_destination_unchanged()
+    except DestinationError as exc:
+        raise failure(job.name, label, str(exc)) from None
+    days = [pk for pk in partitions if pk not in refused]
+    dest = job.destination
+    if dest.kind == "gcs" and dest.overwrite == "refuse":
+        for pk in days:
+            if ledger.exported_before(pk, run_id=context.run_id):
+                raise failure(
+                    job.name, pk,
+                    "this partition was exported before and destination.overwrite is 'refuse' (a "
+                    "roles/storage.objectCreator credential cannot replace objects). Grant the custom role with "
+                    "storage.objects.delete and set overwrite: overwrite to re-export. Nothing was written.")
+    return _Plan(days, refused)
+
+
+def build_day_assets(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The multi-asset that exports whole days of one sync job (see the module docstring)."""
+    job = keys.job
+    dest_kind = job.destination.kind
+    formats = sorted({f.format for f in job.formats})
+    owners = list(job.owners)
+    common = dict(owners=owners, group_name=keys.group)
+    outs: dict[str, dg.AssetOut] = {
+        "raw_events": dg.AssetOut(
+            key=keys.raw_events, dagster_type=dg.Nothing, kinds={"python"},
+            description=(f"Raw Userpilot events of one UTC day from {SOURCE_LABELS[job.source.kind]}, staged on "
+                         f"local disk per event type and hour (Arrow IPC); per day: rows received and source facts."),
+            metadata={"sync_id": job.sync_id, "app_token": job.app_token, "source": job.source.kind},
+            tags={"userpilot_sync/role": "extract"}, **common),
+    }
+    for et, key in keys.exports.items():
+        outs[et] = dg.AssetOut(
+            key=key, io_manager_key=keys.export_io_manager, kinds={"pandera", dest_kind, formats[0]},
+            description=(f"{et} events of one UTC day: filtered, de-duplicated, validated against the Userpilot "
+                         f"Event Schema and exported to {dest_kind} as {', '.join(formats)}."),
+            metadata={"event_type": et},
+            tags={"userpilot_sync/role": "export", "userpilot_sync/event_type": et}, **common)
+    outs["manifest"] = dg.AssetOut(
+        key=keys.manifest, io_manager_key=keys.manifest_io_manager, kinds={"json", dest_kind},
+        description="The manifest of one UTC day (_manifest.json), written last: every export's files with rows, "
+                    "bytes and sha256.",
+        tags={"userpilot_sync/role": "manifest"}, **common)
+    specs = checks.check_specs(keys, partitions_def)
+
+    @dg.multi_asset(
+        name=f"{job.name}_day",
+        outs=outs,
+        internal_asset_deps={"raw_events": set(), **{et: {keys.raw_events} for et in keys.exports},
+                             "manifest": set(keys.exports.values())},
+        partitions_def=partitions_def,
+        backfill_policy=dg.BackfillPolicy.multi_run(job.backfill_days_per_run),
+        can_subset=False,
+        check_specs=specs,
+        pool=job.pool,
+        required_resource_keys={STAGING_RESOURCE_KEY, keys.source_resource},
+        description=f"Exports whole UTC days of sync job {job.name!r}: raw events, every event type, the manifest.",
+    )
+    def day(context: dg.AssetExecutionContext) -> Iterator:
+        yield from _export_days(context, keys, specs)
+
+    return day
+
+
+def _export_days(context: dg.AssetExecutionContext, keys: SyncJobKeys, specs) -> Iterator:
+    try:
+        yield from _export_days_unguarded(context, keys, specs)
+    except dg.Failure as exc:
+        tag_run(context.instance, context.run_id, exc)
+        raise
+
+
+def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys, specs) -> Iterator:
+    job = keys.job
+    context.instance.add_run_tags(context.run_id, worker_tags())  # lets recovery tell a dead run
+    staging: StagingResource = getattr(context.resources, STAGING_RESOURCE_KEY)
+    source: SourceResource = getattr(context.resources, keys.source_resource)
+    ledger = Ledger(context.instance, keys)
+    plan = _plan(context, keys, ledger)
+    days = plan.days
+
+    def waiting(pk: str) -> None:
+        context.log.info(f"sync job {job.name!r}, partition {pk}: waiting for another run of this partition to finish "
+                         f"(at most {staging.lock_wait_s:.0f} s)")
+
+    try:
+        staging.hold_days(job, days, owner=context.run_id, on_wait=waiting)
+        yield from _export_locked(context, keys, specs, staging, source, ledger, plan)
+    except UserpilotSyncError as exc:  # lock timeout, source errors: nothing was written
+        raise failure(job.name, _label(days), str(exc)) from None
+    finally:
+        staging.release_days()  # also done by the resource's teardown if Dagster drops this generator
+
+
+def _export_locked(context, keys: SyncJobKeys, specs, staging: StagingResource, source: SourceResource,
+                   ledger: Ledger, plan: _Plan) -> Iterator:
+    job = keys.job
+    days = plan.days
+    staged = extract_and_stage(job, [parse_partition(pk) for pk in days], staging.path, source=source.event_source())
+    prepared: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    for pk in days:
+        try:
+            prepared[pk] = prepare_day(job, staged[pk])
+        except ValidationError as exc:
+            failed[pk] = str(exc)
+    not_exported = {**{pk: (STATUS_REFUSED, r) for pk, r in plan.refused.items()},
+                    **{pk: (STATUS_FAILED, r) for pk, r in failed.items()}}
+    if not prepared:  # nothing of the run can be written
+        for pk in sorted(failed):
+            yield checks.day_exported(keys, pk, None, failed[pk])
+        for pk in sorted(plan.refused):
+            yield checks.day_refused(keys, pk, plan.refused[pk])
+        raise _summary_failure(job.name, list(context.partition_keys), not_exported, exported=[])
+
+    # raw events: one record per day
+    previous_rows = ledger.rows_received((parse_partition(days[0]) - timedelta(days=1)).isoformat())
+    empty_checks = []
+    for pk in context.partition_keys:
+        if pk not in staged:
+            status, reason = not_exported[pk]
+            context.add_asset_metadata(record_metadata(job, status, reason=reason), asset_key=keys.raw_events,
+                                       partition_key=pk)
+            previous_rows = None
+            continue
+        day = staged[pk]
+        status = STATUS_EXPORTED if pk in prepared else STATUS_FAILED
+        metadata = record_metadata(job, status, **{ROWS_RECEIVED_KEY: day.rows_received},
+                                   rows_by_event_type=day.rows_by_event_type, source_facts=day.source,
+                                   unknown_columns=day.unknown_columns)
+        metadata.update({"dagster/row_count": day.rows_received, "computed_ids": day.computed_ids,
+                         "extraction_rows_outside_window": day.rows_outside_window})
+        if pk in failed:
+            metadata["reason"] = failed[pk]
+        context.add_asset_metadata(metadata, asset_key=keys.raw_events, partition_key=pk)
+        empty_checks.append(checks.not_unexpectedly_empty(keys, pk, day.rows_received, previous_rows))
+        previous_rows = day.rows_received if pk in prepared else None
+    yield dg.Output(None, output_name="raw_events")
+
+    # exports: the ExportIOManager writes each day's files (every event type validated above)
+    files: dict[str, list] = {pk: [] for pk in prepared}
+    for et in job.event_types:
+        batch = ExportBatch(et, {pk: prepared[pk][et] for pk in prepared}, not_exported)
+        yield dg.Output(batch, output_name=et)
+        for pk, written in batch.written.items():
+            files[pk].extend(written)
+
+    # manifests, published last by the ManifestIOManager
+    allow_deletes = bool(getattr(job.destination, "allow_deletes", False))
+    manifests = {}
+    for pk in prepared:
+        superseded = superseded_paths(ledger.earlier_paths(pk), files[pk])
+        manifests[pk] = manifest_for(job, staged[pk], prepared[pk].values(), files[pk], context.run_id,
+                                     superseded=superseded, deleted=superseded if allow_deletes else [])
+    yield dg.Output(ManifestBatch(manifests, not_exported), output_name="manifest")
+
+    # checks: one evaluation per check and day
+    yield from empty_checks
+    for et in job.event_types:
+        for pk in prepared:
+            yield checks.known_values(keys, et, pk, prepared[pk][et])
+    for pk in context.partition_keys:
+        if pk in manifests:
+            yield checks.day_exported(keys, pk, manifests[pk])
+        elif pk in failed:
+            yield checks.day_exported(keys, pk, None, failed[pk])
+        else:
+            yield checks.day_refused(keys, pk, plan.refused[pk])
+    for name in context.assets_def.check_specs_by_output_name:
+        yield dg.Output(None, output_name=name)
+    for pk, (status, reason) in sorted(not_exported.items()):
+        (context.log.warning if status == STATUS_REFUSED else context.log.error)(reason)
+    if failed:
+        raise _summary_failure(job.name, list(context.partition_keys), not_exported, exported=sorted(manifests))
+
+
+def _summary_failure(job_name: str, partitions: list[str], not_exported: dict[str, tuple[str, str]],
+                     exported: list[str]) -> dg.Failure:
+    failed = {pk: r for pk, (s, r) in not_exported.items() if s == STATUS_FAILED}
+    if len(partitions) == 1 or (len(failed) == 1 and not exported):
+        pk, reason = next(iter(failed.items())) if failed else next((k, r) for k, (s, r) in not_exported.items())
+        return failure(job_name, pk, reason)
+    lines = [f"sync job {job_name!r}: {len(failed)} of {len(partitions)} partition(s) failed and got no manifest"
+             + (f" (the other {len(exported)} were exported completely)" if exported else "")
+             + "; fix the source data and re-run them:"]
+    lines += [f"  {pk}: " + reason.replace("\n", "\n    ") for pk, reason in sorted(failed.items())]
+    return dg.Failure(description="\n".join(lines),
+                      metadata={"sync_job": job_name, "failed_partitions": dg.MetadataValue.json(sorted(failed)),
+                                "exported_partitions": dg.MetadataValue.json(exported)},
+                      allow_retries=False)
+
+
+def build_lookups_asset(keys: SyncJobKeys) -> dg.AssetsDefinition:
+    """``<job>/lookups``: the app's lookup tables (demo and Export API sources), own group."""
+    job = keys.job
+
+    @dg.asset(
+        key=keys.lookups,
+        description="Lookups (flows, checklists, surveys, feature tags, segments, properties, ...) that name the ids "
+                    "in the exports; written to <sync folder>/lookups/<kind>.parquet.",
+        kinds={"pandera", job.destination.kind, "parquet"},
+        io_manager_key=keys.lookups_io_manager,
+        group_name=keys.lookups_group,
+        owners=list(job.owners),
+        tags={"userpilot_sync/role": "lookups"},
+        required_resource_keys={keys.source_resource},
+    )
+    def lookups(context: dg.AssetExecutionContext) -> LookupTables:
+        from userpilot_sync.source.lookups import lookups_for_job
+
+        if not job.enabled:
+            raise failure(job.name, None, "the sync job is disabled: its lookups are not refreshed "
+                                          "(files already exported stay untouched)")
+        try:
+            Ledger(context.instance, keys).check_destination_unchanged()
+            source: SourceResource = getattr(context.resources, keys.source_resource)
+            api = source.event_source() if job.source.kind == "export_api" else None
+            return LookupTables(lookups_for_job(job, source=api))
+        except UserpilotSyncError as exc:
+            raise failure(job.name, None, str(exc)) from None
+
+    return lookups

@@ -1,0 +1,104 @@
+"""Asset checks of a sync job, evaluated per day.
+
+The checks are declared on the day's assets (partitioned like them, so the UI shows a result per
+day) and evaluated inside the export step, one ``AssetCheckEvaluation`` per day with its
+``partition`` — in one-day and range runs alike, so a result never lacks its day and a later run of
+another day never replaces it. Each carries numeric metadata the UI can plot.
+
+* ``<job>/raw_events`` ``not_unexpectedly_empty`` (WARN): the source delivered no events for a day
+  while the day before had some (``rows_received``, ``previous_day_rows``).
+* ``<job>/<event_type>`` ``known_values`` (WARN): source values and interaction statuses outside
+  the documented sets (open sets: reported, not rejected; counts and samples).
+* ``<job>/manifest`` ``day_exported`` (ERROR): the day got its complete manifest (``rows``,
+  ``files``), or why not; a day of a range refused for the window is a WARN saying so.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from userpilot_sync.defs.keys import (
+    CHECK_DAY_EXPORTED,
+    CHECK_KNOWN_VALUES,
+    CHECK_NOT_UNEXPECTEDLY_EMPTY,
+    SyncJobKeys,
+)
+from userpilot_sync.export import PreparedExport
+
+
+def check_specs(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition) -> list[dg.AssetCheckSpec]:
+    """The check specs of one sync job's day assets (partitioned by day)."""
+    specs = [
+        dg.AssetCheckSpec(
+            CHECK_NOT_UNEXPECTEDLY_EMPTY, asset=keys.raw_events, partitions_def=partitions_def,
+            description="Warns when the source delivered no events for a day while the day before had events.",
+        ),
+        dg.AssetCheckSpec(
+            CHECK_DAY_EXPORTED, asset=keys.manifest, partitions_def=partitions_def,
+            description="Fails when a day got no complete manifest (it broke the Event Schema or was refused).",
+        ),
+    ]
+    for key in keys.exports.values():
+        specs.append(dg.AssetCheckSpec(
+            CHECK_KNOWN_VALUES, asset=key, partitions_def=partitions_def,
+            description="Warns about source values or interaction statuses outside the documented sets.",
+        ))
+    return specs
+
+
+def not_unexpectedly_empty(keys: SyncJobKeys, partition: str, rows_received: int,
+                           previous_day_rows: int | None) -> dg.AssetCheckEvaluation:
+    """WARN when ``rows_received`` is 0 and the previous day (``previous_day_rows``) was not empty."""
+    suspicious = rows_received == 0 and bool(previous_day_rows)
+    return dg.AssetCheckEvaluation(
+        asset_key=keys.raw_events, check_name=CHECK_NOT_UNEXPECTEDLY_EMPTY, partition=partition,
+        passed=not suspicious, severity=dg.AssetCheckSeverity.WARN,
+        description=(
+            f"sync job {keys.name!r}, partition {partition}: the source returned no events, but the previous day "
+            f"had {previous_day_rows}. Check the source (API key, filters) before trusting this empty day."
+            if suspicious else None
+        ),
+        metadata={"rows_received": rows_received,
+                  "previous_day_rows": previous_day_rows if previous_day_rows is not None else -1},
+    )
+
+
+def known_values(keys: SyncJobKeys, event_type: str, partition: str, prepared: PreparedExport) -> dg.AssetCheckEvaluation:
+    """WARN when the day's export has ``source`` values or interaction statuses outside the documented sets."""
+    unknown_sources = sum(prepared.unknown_sources.values())
+    unknown_statuses = sum(prepared.unknown_statuses.values())
+    return dg.AssetCheckEvaluation(
+        asset_key=keys.export(event_type), check_name=CHECK_KNOWN_VALUES, partition=partition,
+        passed=not (unknown_sources or unknown_statuses), severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "rows_with_unknown_source": unknown_sources,
+            "rows_with_unknown_status": unknown_statuses,
+            "unknown_values": dg.MetadataValue.json({"source": prepared.unknown_sources,
+                                                     "interaction_status": prepared.unknown_statuses}),
+            "entity_types": dg.MetadataValue.json(prepared.entity_types),
+        },
+    )
+
+
+def day_exported(keys: SyncJobKeys, partition: str, manifest: dict | None, reason: str | None = None) -> dg.AssetCheckEvaluation:
+    """ERROR unless the day's complete manifest was published (``reason`` says why not)."""
+    if manifest is None:
+        return dg.AssetCheckEvaluation(
+            asset_key=keys.manifest, check_name=CHECK_DAY_EXPORTED, partition=partition, passed=False,
+            severity=dg.AssetCheckSeverity.ERROR, description=reason,
+            metadata={"rows": 0, "files": 0, "reason": reason or ""},
+        )
+    return dg.AssetCheckEvaluation(
+        asset_key=keys.manifest, check_name=CHECK_DAY_EXPORTED, partition=partition, passed=True,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"rows": sum(manifest["event_types"].values()), "files": len(manifest["files"])},
+    )
+
+
+def day_refused(keys: SyncJobKeys, partition: str, reason: str) -> dg.AssetCheckEvaluation:
+    """WARN: a day of a range run that was refused (outside the 365-day window); nothing written."""
+    return dg.AssetCheckEvaluation(
+        asset_key=keys.manifest, check_name=CHECK_DAY_EXPORTED, partition=partition, passed=False,
+        severity=dg.AssetCheckSeverity.WARN, description=reason,
+        metadata={"rows": 0, "files": 0, "reason": reason},
+    )

@@ -1,0 +1,96 @@
+"""Crash recovery: a run killed with kill -9 never blocks its app token's pool slot.
+
+The CLI run is killed while it holds the ``userpilot_export_<app token>`` slot (it waits for a
+day lock another process holds, so the moment is deterministic); the next CLI run finds the dead
+run, marks it failed, frees its slot and exports the day.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from userpilot_sync.defs.recovery import WORKER_PID_TAG, process_alive, recover_dead_runs
+from userpilot_sync.partitions import last_complete_days
+from userpilot_sync_tests.fixtures_core import cli_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+REPO = Path(__file__).resolve().parents[1]
+PK = last_complete_days(2)[0].isoformat()
+POOL = "userpilot_export_NX_demo0001"
+
+
+def _cli(env: dict):
+    return [sys.executable, "-m", "userpilot_sync.cli", "sync", "--job", "demo", "--partition", PK]
+
+
+def test_a_killed_cli_run_frees_its_pool_slot_for_the_next_run(tmp_path, monkeypatch):
+    env = cli_env(tmp_path, events_per_day=400)
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    lock = tmp_path / "staging" / "demo" / ".locks" / f"{PK}.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    victim = None
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        victim = subprocess.Popen(_cli(env), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        deadline = time.monotonic() + 120
+        run = None
+        with dg.DagsterInstance.get() as instance:
+            while run is None:
+                assert victim.poll() is None, "the CLI run ended before it could be killed"
+                runs = [r for r in instance.get_runs() if WORKER_PID_TAG in r.tags]
+                run = runs[0] if runs else None
+                assert time.monotonic() < deadline, "the run never reached its export step"
+                time.sleep(0.2)
+            os.killpg(victim.pid, signal.SIGKILL)
+            victim.wait()
+            holder.kill()
+            holder.wait()
+            assert not process_alive(victim.pid)
+            assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+            assert run.run_id in instance.event_log_storage.get_concurrency_info(POOL).active_run_ids
+
+        started = time.monotonic()
+        again = subprocess.run(_cli(env), cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        took = time.monotonic() - started
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "recovered from dead runs" in again.stderr and run.run_id in again.stderr
+        assert took < 120
+        with dg.DagsterInstance.get() as instance:
+            dead = instance.get_run_by_id(run.run_id)
+            assert dead.status == dg.DagsterRunStatus.FAILURE
+            assert not instance.event_log_storage.get_concurrency_info(POOL).active_run_ids
+            assert recover_dead_runs(instance).summary() == "no dead runs, no stale pool slots"
+        manifest = tmp_path / "exports" / "userpilot_events" / "userpilot_datasync_10001_NX-demo0001" / PK / "_manifest.json"
+        doc = json.loads(manifest.read_text())
+        assert sum(doc["event_types"].values()) == 400 and doc["run_id"] != run.run_id
+    finally:
+        holder.kill()
+        if victim is not None and victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+
+
+def test_slots_of_runs_marked_failed_by_hand_are_freed(tmp_path):
+    with dg.instance_for_test() as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots(POOL, 1)
+        run = instance.create_run_for_job(dg.GraphDefinition(name="noop").to_job(), run_id=None)
+        assert storage.claim_concurrency_slot(POOL, run.run_id, "demo_day").is_claimed
+        instance.report_run_failed(run, message="marked failed in the UI")
+        recovery = recover_dead_runs(instance, pools=[POOL])
+        assert recovery.freed_slots_of == [run.run_id] and not recovery.failed_runs
+        assert not storage.get_concurrency_info(POOL).active_run_ids

@@ -1,0 +1,58 @@
+"""The code's import rules (docs/architecture.md), checked on the source itself."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "userpilot_sync"
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted((PACKAGE / folder).rglob("*.py")) if folder else sorted(PACKAGE.glob("*.py"))
+
+
+@pytest.mark.parametrize("folder, forbidden", [
+    ("config", ("userpilot_sync.source", "userpilot_sync.destination", "dagster")),
+    ("source", ("userpilot_sync.destination", "dagster")),
+    ("destination", ("userpilot_sync.source", "dagster")),
+    ("schema", ("userpilot_sync.source", "userpilot_sync.destination", "dagster")),
+])
+def test_core_packages_keep_to_themselves(folder, forbidden):
+    offenders = {
+        f"{path.relative_to(PACKAGE.parent)}: {name}"
+        for path in _modules(folder) for name in _imports(path)
+        if any(name == f or name.startswith(f + ".") or name.startswith(f + "_") for f in forbidden)
+    }
+    assert not offenders
+
+
+def test_only_defs_and_the_cli_import_dagster():
+    allowed = {"cli.py", "definitions.py"}
+    offenders = {
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if "defs" not in path.relative_to(PACKAGE).parts and path.name not in allowed
+        and any(n == "dagster" or n.startswith(("dagster.", "dagster_")) for n in _imports(path))
+    }
+    assert not offenders
+
+
+def test_no_dagster_private_imports():
+    offenders = {
+        f"{path.relative_to(PACKAGE.parent)}: {name}"
+        for path in PACKAGE.rglob("*.py") for name in _imports(path) if name.startswith("dagster._")
+    }
+    assert not offenders
