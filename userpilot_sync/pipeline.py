@@ -76,6 +76,24 @@ def prepare_day(job: SyncJob, staged: StagedDay) -> dict[str, PreparedExport]:
     return {et: prepare_export(staged, job, et, staged.root / "prepared" / et) for et in job.event_types}
 
 
+def day_source_facts(staged: StagedDay) -> dict:
+    """The source facts of one staged day, with the day's own window.
+
+    When one extraction covered several days (a backfill range), the extraction's window and its
+    range-wide counts (``rows_outside_window``: rows the source delivered outside the extraction
+    window) move under ``extraction_window``, so no range total reads as the day's figure.
+    """
+    start, end = day_window(parse_partition(staged.partition))
+    source = dict(staged.source)
+    if source.get("window_from") not in (None, start.isoformat()) or source.get("window_to") not in (None, end.isoformat()):
+        source["extraction_window"] = {"from": source.get("window_from"), "to": source.get("window_to"),
+                                       "rows_outside_window": staged.rows_outside_window}
+    else:
+        source["rows_outside_window"] = staged.rows_outside_window
+    source.update(window_from=start.isoformat(), window_to=end.isoformat())
+    return source
+
+
 def manifest_for(job: SyncJob, staged: StagedDay, prepared: Iterable[PreparedExport], files: Iterable[FileRecord],
                  run_id: str, superseded: Iterable[str] = (), deleted: Iterable[str] = ()) -> dict:
     """The manifest of one partition, from its staging record and its written exports.
@@ -87,13 +105,9 @@ def manifest_for(job: SyncJob, staged: StagedDay, prepared: Iterable[PreparedExp
     """
     prepared = list(prepared)
     start, end = day_window(parse_partition(staged.partition))
-    source = dict(staged.source)
-    if source.get("window_from") not in (None, start.isoformat()) or source.get("window_to") not in (None, end.isoformat()):
-        source["extraction_window"] = {"from": source.get("window_from"), "to": source.get("window_to")}
-    source.update(window_from=start.isoformat(), window_to=end.isoformat())
+    source = day_source_facts(staged)
     source.update(
         source_rows=staged.rows_received,
-        rows_outside_window=staged.rows_outside_window,
         duplicates_dropped=sum(p.duplicates_dropped for p in prepared),
         filtered_out=sum(p.filtered_out for p in prepared),
         unknown_columns=staged.unknown_columns,

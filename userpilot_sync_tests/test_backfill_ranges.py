@@ -88,10 +88,11 @@ def test_bad_day_in_a_range_does_not_cost_the_good_days(tmp_path):
         assert not result.success
         [text] = failure_messages(result)
         first_line, *rest = text.splitlines()
-        assert first_line.startswith("sync job 'demo': 1 of 3 partition(s) failed and got no manifest")
+        assert first_line.startswith(f"sync job 'demo', partition(s) {DAYS[1]}: 1 of 3 partition(s) failed and got no manifest")
         assert "the other 2 were exported completely" in first_line
-        assert rest[0].startswith(f"  {DAYS[1]}: ") and "event_name" in text
-        assert DAYS[0] not in "\n".join(rest) and DAYS[2] not in "\n".join(rest)
+        assert f"; {DAYS[1]}: event type 'interaction': " in first_line  # the first failed day's cause
+        assert rest[0].startswith("Fix the source data") and rest[1].startswith(f"  {DAYS[1]}: ") and "event_name" in text
+        assert DAYS[0] not in text and DAYS[2] not in text
         assert _manifest(job, DAYS[0]).exists() and _manifest(job, DAYS[2]).exists()
         assert not _manifest(job, DAYS[1]).exists()
         assert not (_manifest(job, DAYS[1]).parent).exists()  # nothing of the bad day was written
@@ -128,3 +129,31 @@ def test_connection_check_job_writes_a_marker(tmp_path):
         assert instance.get_run_by_id(result.run_id).tags["userpilot_sync/sync_job"] == "demo"
     marker = Path(job.destination.path) / "userpilot_events" / job.sync_folder / "_userpilot_sync_check" / "demo.json"
     assert json.loads(marker.read_text())["sync_job"] == "demo"
+
+
+def test_range_wide_counts_never_read_as_a_days_figure(tmp_path):
+    """Rows the source delivered outside the extraction's window belong to the range, not a day."""
+    folder = tmp_path / "chunks"
+    folder.mkdir()
+    days = DAYS
+    src = DemoSource("NX-demo0001", 300, 5)
+    frames = []
+    for pk in days + [(date.fromisoformat(days[-1]) + timedelta(days=1)).isoformat()]:  # one day too many
+        start, end = day_window(date.fromisoformat(pk))
+        frames.append(pl.concat([pl.from_arrow(t) for t in src.iter_blocks(start, end)]))
+    pl.concat(frames).write_parquet(folder / "export.parquet")
+    job = make_job(tmp_path, source={"kind": "files", "path": str(folder)})
+    defs = build_definitions([job], tmp_path / "staging")
+    with dg.instance_for_test() as instance:
+        result = run_sync(defs, instance, days[0], days[-1])
+        assert result.success, failure_messages(result)
+        outside = frames[-1].height
+        for pk in days:
+            source = json.loads(_manifest(job, pk).read_text())["source"]
+            assert "rows_outside_window" not in source
+            assert source["extraction_window"]["rows_outside_window"] == outside > 0
+            raw = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(["demo", "raw_events"]),
+                                                                        asset_partitions=[pk]), limit=1).records[0]
+            md = raw.asset_materialization.metadata
+            assert md["extraction_rows_outside_window"].value == outside
+            assert md["source_facts"].value["window_from"].startswith(pk)

@@ -192,3 +192,37 @@ def test_a_failed_day_says_its_cause_first_and_on_the_run(tmp_path):
         [evaluation] = _check_history(instance, keys.manifest, "day_exported")
         assert evaluation.partition == pk and not evaluation.passed and "event_name" in evaluation.description
     assert not (Path(job.destination.path) / "userpilot_events").exists()
+
+
+def test_a_manifest_failing_mid_range_keeps_the_published_days_in_the_ledger(tmp_path, monkeypatch):
+    from userpilot_sync.defs.ledger import Ledger
+    from userpilot_sync.destination.storage import LocalStorage
+    from userpilot_sync.errors import DestinationError
+
+    job = make_job(tmp_path, source={"kind": "demo", "events_per_day": 300, "seed": 3})
+    keys = SyncJobKeys(job)
+    defs = build_definitions([job], tmp_path / "staging")
+    days = DAYS[1:4]
+    original = LocalStorage.put_bytes
+
+    def flaky(self, key, data, **kwargs):
+        if key.endswith(f"{days[2]}/_manifest.json"):
+            raise DestinationError(f"injected: cannot write {key}")
+        return original(self, key, data, **kwargs)
+
+    monkeypatch.setattr(LocalStorage, "put_bytes", flaky)
+    with dg.instance_for_test() as instance:
+        result = run_sync(defs, instance, days[0], days[-1])
+        assert not result.success
+        assert failure_messages(result)[0].startswith(f"sync job 'demo', partition {days[2]}: manifest: injected")
+        ledger = Ledger(instance, keys)
+        for pk in days[:2]:  # published before the failure: their manifests' files are in the ledger
+            published = {f["path"] for f in _manifest(job, pk)["files"]}
+            assert published and published <= ledger.earlier_paths(pk)
+            observed = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=keys.manifest, asset_partitions=[pk]),
+                                                   limit=1).records
+            assert observed and observed[0].asset_observation.metadata["userpilot/superseded"].value == []
+        monkeypatch.setattr(LocalStorage, "put_bytes", original)
+        again = run_sync(defs, instance, days[0], days[-1])
+        assert again.success, failure_messages(again)
+        assert all(_manifest(job, pk)["run_id"] == again.run_id for pk in days)

@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from userpilot_sync.defs.recovery import WORKER_PID_TAG, process_alive, recover_dead_runs
+from userpilot_sync.defs.recovery import WORKER_TAG, process_alive, recover_dead_runs, worker_tags
 from userpilot_sync.partitions import last_complete_days
 from userpilot_sync_tests.fixtures_core import cli_env
 
@@ -52,7 +52,7 @@ def test_a_killed_cli_run_frees_its_pool_slot_for_the_next_run(tmp_path, monkeyp
         with dg.DagsterInstance.get() as instance:
             while run is None:
                 assert victim.poll() is None, "the CLI run ended before it could be killed"
-                runs = [r for r in instance.get_runs() if WORKER_PID_TAG in r.tags]
+                runs = [r for r in instance.get_runs() if WORKER_TAG in r.tags]
                 run = runs[0] if runs else None
                 assert time.monotonic() < deadline, "the run never reached its export step"
                 time.sleep(0.2)
@@ -94,3 +94,24 @@ def test_slots_of_runs_marked_failed_by_hand_are_freed(tmp_path):
         recovery = recover_dead_runs(instance, pools=[POOL])
         assert recovery.freed_slots_of == [run.run_id] and not recovery.failed_runs
         assert not storage.get_concurrency_info(POOL).active_run_ids
+
+
+def test_a_re_executed_run_with_its_parents_worker_tag_is_not_failed(tmp_path):
+    """Re-execution copies the parent's tags: a worker tag naming another run is never trusted."""
+    with dg.instance_for_test() as instance:
+        job = dg.GraphDefinition(name="noop").to_job()
+        parent = instance.create_run_for_job(job)
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        inherited = worker_tags(parent.run_id)[WORKER_TAG].rsplit("|", 2)[0] + f"|{dead.pid}|"
+        child = instance.create_run_for_job(job, tags={WORKER_TAG: inherited})
+        instance.handle_run_event(child.run_id, dg.DagsterEvent(
+            event_type_value="PIPELINE_START", job_name="noop", message="started"))
+        assert instance.get_run_by_id(child.run_id).status == dg.DagsterRunStatus.STARTED
+        assert recover_dead_runs(instance, pools=[]).failed_runs == []
+        own = instance.create_run_for_job(job)
+        own_tag = worker_tags(own.run_id)[WORKER_TAG].rsplit("|", 2)[0] + f"|{dead.pid}|"
+        instance.add_run_tags(own.run_id, {WORKER_TAG: own_tag})
+        instance.handle_run_event(own.run_id, dg.DagsterEvent(
+            event_type_value="PIPELINE_START", job_name="noop", message="started"))
+        assert recover_dead_runs(instance, pools=[]).failed_runs == [own.run_id]

@@ -33,7 +33,7 @@ import dagster as dg
 from userpilot_sync.defs import checks
 from userpilot_sync.defs.failures import failure, tag_run
 from userpilot_sync.defs.io_managers import ExportBatch, LookupTables, ManifestBatch
-from userpilot_sync.defs.keys import STAGING_RESOURCE_KEY, SyncJobKeys
+from userpilot_sync.defs.keys import FAILURE_TAG, STAGING_RESOURCE_KEY, SyncJobKeys
 from userpilot_sync.defs.ledger import (
     ROWS_RECEIVED_KEY,
     STATUS_EXPORTED,
@@ -47,7 +47,7 @@ from userpilot_sync.defs.resources import SourceResource, StagingResource
 from userpilot_sync.errors import DestinationError, UserpilotSyncError, ValidationError, WindowError
 from userpilot_sync.partitions import check_in_window, consecutive_days, parse_partition
 from userpilot_sync.destination.superseded import superseded_paths
-from userpilot_sync.pipeline import extract_and_stage, manifest_for, prepare_day
+from userpilot_sync.pipeline import day_source_facts, extract_and_stage, manifest_for, prepare_day
 
 SOURCE_LABELS = {"demo": "the demo generator", "files": "local export files", "export_api": "the Bulk Data Export API"}
 
@@ -78,8 +78,9 @@ def _plan(context: dg.AssetExecutionContext, keys: SyncJobKeys, ledger: Ledger) 
     except ValueError as exc:
         raise failure(job.name, label, f"{exc}; partitions are UTC days. Nothing was written.") from None
     if not ordered:
-        raise failure(job.name, label, "the run's partitions are not consecutive UTC days; launch the backfill "
-                                       "again once the partition window sensor has re-ordered them. Nothing was written.")
+        raise failure(job.name, label, "the run's partitions are not consecutive UTC days (one extraction covers "
+                                       "one unbroken range); launch the days as separate runs or a backfill of "
+                                       "consecutive days. Nothing was written.")
     refused: dict[str, str] = {}
     for pk in partitions:
         try:
@@ -159,11 +160,21 @@ def _export_days(context: dg.AssetExecutionContext, keys: SyncJobKeys, specs) ->
     except dg.Failure as exc:
         tag_run(context.instance, context.run_id, exc)
         raise
+    except Exception as exc:
+        if isinstance(exc, dg.DagsterError):
+            raise
+        # an error nobody foresaw (a library, the disk): still the job, the days and the cause first
+        wrapped = failure(keys.name, _label(list(context.partition_keys)), f"{type(exc).__name__}: {exc}")
+        tag_run(context.instance, context.run_id, wrapped)
+        raise wrapped from exc
 
 
 def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys, specs) -> Iterator:
     job = keys.job
-    context.instance.add_run_tags(context.run_id, worker_tags())  # lets recovery tell a dead run
+    tags = worker_tags(context.run_id)  # lets recovery tell a dead run
+    if context.run.tags.get(FAILURE_TAG):  # inherited from the parent of a re-execution
+        tags[FAILURE_TAG] = ""
+    context.instance.add_run_tags(context.run_id, tags)
     staging: StagingResource = getattr(context.resources, STAGING_RESOURCE_KEY)
     source: SourceResource = getattr(context.resources, keys.source_resource)
     ledger = Ledger(context.instance, keys)
@@ -217,9 +228,10 @@ def _export_locked(context, keys: SyncJobKeys, specs, staging: StagingResource, 
         day = staged[pk]
         status = STATUS_EXPORTED if pk in prepared else STATUS_FAILED
         metadata = record_metadata(job, status, **{ROWS_RECEIVED_KEY: day.rows_received},
-                                   rows_by_event_type=day.rows_by_event_type, source_facts=day.source,
+                                   rows_by_event_type=day.rows_by_event_type, source_facts=day_source_facts(day),
                                    unknown_columns=day.unknown_columns)
-        metadata.update({"dagster/row_count": day.rows_received, "computed_ids": day.computed_ids,
+        # counted over the whole extraction (one day, or the run's range): named as such
+        metadata.update({"dagster/row_count": day.rows_received, "extraction_computed_ids": day.computed_ids,
                          "extraction_rows_outside_window": day.rows_outside_window})
         if pk in failed:
             metadata["reason"] = failed[pk]
@@ -271,9 +283,13 @@ def _summary_failure(job_name: str, partitions: list[str], not_exported: dict[st
     if len(partitions) == 1 or (len(failed) == 1 and not exported):
         pk, reason = next(iter(failed.items())) if failed else next((k, r) for k, (s, r) in not_exported.items())
         return failure(job_name, pk, reason)
-    lines = [f"sync job {job_name!r}: {len(failed)} of {len(partitions)} partition(s) failed and got no manifest"
+    first_pk = sorted(failed)[0]
+    first_cause = failed[first_pk].splitlines()[0].removeprefix(f"sync job {job_name!r}, partition {first_pk}, ")
+    lines = [f"sync job {job_name!r}, partition(s) {', '.join(sorted(failed))}: {len(failed)} of {len(partitions)} "
+             f"partition(s) failed and got no manifest"
              + (f" (the other {len(exported)} were exported completely)" if exported else "")
-             + "; fix the source data and re-run them:"]
+             + f"; {first_pk}: {first_cause}",
+             "Fix the source data (or the sync job's filters) and re-run these partitions:"]
     lines += [f"  {pk}: " + reason.replace("\n", "\n    ") for pk, reason in sorted(failed.items())]
     return dg.Failure(description="\n".join(lines),
                       metadata={"sync_job": job_name, "failed_partitions": dg.MetadataValue.json(sorted(failed)),

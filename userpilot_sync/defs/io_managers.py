@@ -185,7 +185,7 @@ class ExportIOManager(_DestinationIOManager):
                                                 reason="written by a run that failed later")
                 if isinstance(exc, UserpilotSyncError):
                     raise self._fail(context, pk, f"event type {prepared.event_type!r}: {exc}") from None
-                raise
+                raise self._fail(context, pk, f"event type {prepared.event_type!r}: {type(exc).__name__}: {exc}") from exc
             batch.written[pk] = written.files
             files = _file_entries(storage, layout, written.files)
             metadata = record_metadata(
@@ -226,21 +226,37 @@ class ManifestIOManager(_DestinationIOManager):
         storage, recorded = self._storage_for(context, sorted(batch.manifests))
         layout = layout_for(self.job)
         allow_deletes = bool(getattr(self.job.destination, "allow_deletes", False))
+        done: dict[str, tuple[str, list[str]]] = {}  # day -> (manifest key, paths deleted)
+
+        def keep_for_next_run(current: str, key: str | None, deleted_now: list[str]) -> None:
+            # Dagster records nothing of this output when it fails: keep, per day, what is already
+            # in the bucket (published manifests, deletes done, generations) as ledger observations
+            ledger = self._ledger(context)
+            for pk, (manifest_key, deleted) in [*done.items(), (current, (key, deleted_now))]:
+                manifest = batch.manifests[pk]
+                files = [{**f, "uri": storage.uri(layout.key(f["path"]))} for f in manifest["files"]] if manifest_key else []
+                ledger.record_partial_write(
+                    context.asset_key, pk, files,
+                    self._generations(storage, recorded.get(pk, {}), [manifest_key] if manifest_key else []),
+                    reason="published by a run whose manifest step failed later" if pk != current
+                    else "the manifest step of this day failed",
+                    superseded=manifest["superseded"] if manifest_key else None, deleted=deleted)
+
         for pk in sorted(batch.manifests):
             manifest = batch.manifests[pk]
+            key = None
+            deleted_now: list[str] = []
             try:
                 key = write_manifest(manifest, self.job, storage)
+                deleted = delete_superseded(storage, layout, manifest["deleted"], allow_deletes=allow_deletes,
+                                            deleted=deleted_now)
             except Exception as exc:
-                self._ledger(context).record_partial_write(
-                    context.asset_key, pk, [], self._generations(storage, recorded.get(pk, {}), []),
-                    reason="the manifest upload failed")
+                keep_for_next_run(pk, key, deleted_now)
+                what = "manifest" if key is None else "the manifest was written, deleting superseded files failed"
                 if isinstance(exc, UserpilotSyncError):
-                    raise self._fail(context, pk, f"manifest: {exc}") from None
-                raise
-            try:
-                deleted = delete_superseded(storage, layout, manifest["deleted"], allow_deletes=allow_deletes)
-            except UserpilotSyncError as exc:
-                raise self._fail(context, pk, f"the manifest was written, deleting superseded files failed: {exc}") from None
+                    raise self._fail(context, pk, f"{what}: {exc}") from None
+                raise self._fail(context, pk, f"{what}: {type(exc).__name__}: {exc}") from exc
+            done[pk] = (key, deleted)
             batch.published[pk] = storage.uri(key)
             files = manifest["files"]
             metadata = record_metadata(

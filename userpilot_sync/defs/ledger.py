@@ -210,14 +210,20 @@ class Ledger:
 
     # ------------------------------------------------------------------ partial writes
     def record_partial_write(self, key: dg.AssetKey, partition: str, files: list[dict],
-                             generations: dict[str, int] | None, reason: str) -> None:
-        """Keep what a failed write already uploaded, as an asset observation of the day.
+                             generations: dict[str, int] | None, reason: str, *,
+                             superseded: list[str] | None = None, deleted: list[str] | None = None) -> None:
+        """Keep what a failed write already did, as an asset observation of the day.
 
-        The paths (a later manifest lists them as superseded) and, on GCS, their generations (the
-        next run's preconditions must match).
+        The paths uploaded (a later manifest lists them as superseded), on GCS their generations
+        (the next run's preconditions must match), and for a manifest the superseded paths it
+        named and those already deleted.
         """
         metadata = {VERSION_KEY: LEDGER_VERSION, "reason": reason,
                     FILES_KEY: dg.MetadataValue.json(files)}
         if generations is not None:
             metadata[GENERATIONS_KEY] = dg.MetadataValue.json(generations)
+        if superseded is not None:
+            metadata[SUPERSEDED_KEY] = dg.MetadataValue.json(superseded)
+        if deleted is not None:
+            metadata[DELETED_KEY] = dg.MetadataValue.json(deleted)
         self.instance.report_runless_asset_event(dg.AssetObservation(asset_key=key, partition=partition, metadata=metadata))

@@ -28,7 +28,8 @@ from userpilot_sync.partitions import parse_partition, window_partition_keys
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 PARTITION_TAG = "dagster/partition"
-_IN_PROGRESS_BACKFILL = {"REQUESTED", "CANCELING"}
+_IN_PROGRESS_BACKFILL = {"REQUESTED", "CANCELING", "FAILING"}
+_BACKFILL_PAGE = 100
 
 
 def partitions_def(keys: SyncJobKeys) -> dg.DynamicPartitionsDefinition:
@@ -63,10 +64,21 @@ def _range(start: str, end: str) -> list[str]:
     return [(a + timedelta(days=i)).isoformat() for i in range((b - a).days + 1)]
 
 
+def _all_backfills(instance: dg.DagsterInstance):
+    """Every backfill of the instance, newest first, paged."""
+    cursor = None
+    while True:
+        page = instance.get_backfills(cursor=cursor, limit=_BACKFILL_PAGE)
+        yield from page
+        if len(page) < _BACKFILL_PAGE:
+            return
+        cursor = page[-1].backfill_id
+
+
 def partitions_in_use(instance: dg.DagsterInstance, keys: SyncJobKeys) -> set[str]:
     """Days that an in-progress asset backfill or run of the sync job targets."""
     used: set[str] = set()
-    for backfill in instance.get_backfills(limit=200):
+    for backfill in _all_backfills(instance):
         if getattr(backfill.status, "value", str(backfill.status)) not in _IN_PROGRESS_BACKFILL:
             continue
         data = getattr(backfill, "asset_backfill_data", None)
@@ -77,7 +89,7 @@ def partitions_in_use(instance: dg.DagsterInstance, keys: SyncJobKeys) -> set[st
         used.update(getattr(backfill, "partition_names", None) or [])
     statuses = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                 dg.DagsterRunStatus.STARTED]
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses), limit=500):
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses)):  # every in-progress run
         targets = {k.to_user_string() for k in (run.asset_selection or [])}
         if targets and not targets & {k.to_user_string() for k in keys.day_assets}:
             continue

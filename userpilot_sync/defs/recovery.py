@@ -4,8 +4,10 @@ A run killed while it exports (kill -9, a crashed machine) stays "started" in th
 keeps its ``userpilot_export_<app token>`` pool slot: every later run of that app token would wait
 for the slot for ever. Dagster's run monitoring cannot tell with the default run launcher (it has no
 worker health check), and ``free_slots_after_run_end_seconds`` frees only slots of runs already
-marked finished. So the export step records where it runs (run tags ``userpilot_sync/worker_host``
-and ``userpilot_sync/worker_pid``), and :func:`recover_dead_runs` — called by the CLI before it
+marked finished. So the export step records where it runs (run tag ``userpilot_sync/worker``:
+``<run id>|<host>|<pid>|<process start time>`` — the run id, because a re-executed run inherits
+its parent's tags, and the start time, because pids are reused), and :func:`recover_dead_runs` —
+called by the CLI before it
 launches runs and by the ``userpilot_run_recovery`` sensor every minute — marks a run failed when
 its worker process on this host is gone, and frees the pool slots still held by runs that have
 finished (failed, canceled, succeeded). Runs of other hosts are left alone (their own recovery
@@ -20,19 +22,29 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-WORKER_HOST_TAG = "userpilot_sync/worker_host"
-WORKER_PID_TAG = "userpilot_sync/worker_pid"
+WORKER_TAG = "userpilot_sync/worker"
 _IN_PROGRESS = (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)
 _FINISHED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
-def worker_tags() -> dict[str, str]:
-    """Tags naming this process as a run's worker (host name and pid)."""
-    return {WORKER_HOST_TAG: socket.gethostname(), WORKER_PID_TAG: str(os.getpid())}
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc/<pid>/stat``), if known."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
-def process_alive(pid: int) -> bool:
-    """True when ``pid`` is a live process on this host (a zombie counts as dead)."""
+def worker_tags(run_id: str) -> dict[str, str]:
+    """The tag naming this process as run ``run_id``'s worker (run id, host, pid, start time)."""
+    pid = os.getpid()
+    return {WORKER_TAG: f"{run_id}|{socket.gethostname()}|{pid}|{_start_time(pid) or ''}"}
+
+
+def process_alive(pid: int, start_time: str | None = None) -> bool:
+    """True when ``pid`` is a live process on this host (a zombie, or another process that reuses
+    the pid — its start time differs from ``start_time`` — counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -41,9 +53,12 @@ def process_alive(pid: int) -> bool:
         return True
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+            fields = stat.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return True
+    if fields[0] == "Z":
+        return False
+    return not start_time or fields[19] == start_time
 
 
 @dataclass
@@ -69,14 +84,15 @@ def recover_dead_runs(instance: dg.DagsterInstance, pools: list[str] | None = No
     """
     recovery = Recovery()
     host = socket.gethostname()
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=list(_IN_PROGRESS)), limit=500):
-        if run.tags.get(WORKER_HOST_TAG) != host:
-            continue
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=list(_IN_PROGRESS))):
         try:
-            pid = int(run.tags.get(WORKER_PID_TAG, "0"))
+            run_id, worker_host, pid_text, start_time = run.tags.get(WORKER_TAG, "").split("|")
+            pid = int(pid_text)
         except ValueError:
             continue
-        if pid and not process_alive(pid):
+        if run_id != run.run_id or worker_host != host:  # inherited from a parent run / another host
+            continue
+        if not process_alive(pid, start_time or None):
             instance.report_run_failed(
                 run, message=f"the run's process (pid {pid} on {host}) is gone (killed or crashed); userpilot_sync "
                              f"marked the run failed and freed its pool slots. Nothing it wrote is trusted: the "

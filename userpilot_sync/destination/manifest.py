@@ -10,7 +10,8 @@ being replaced. ``manifest_version`` 1 fields:
 * ``run_id``, ``exported_at`` (ISO-8601 UTC)
 * ``settings``: formats, layout, filters, file size limits that produced the files
 * ``source``: kind, export job id (API), ``source_rows`` (rows received for the day),
-  ``rows_outside_window``, ``duplicates_dropped``, ``filtered_out``, unknown columns
+  ``rows_outside_window`` (under ``extraction_window`` when one extraction covered a range),
+  ``duplicates_dropped``, ``filtered_out``, unknown columns
 * ``event_types``: per event type, ``rows`` exported
 * ``files``: path (relative to the sync folder), event_type, format, compression, part, rows,
   bytes, sha256

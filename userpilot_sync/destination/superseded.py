@@ -34,15 +34,18 @@ def superseded_paths(previous_files: Iterable[Any], new_files: Iterable[Any]) ->
     return sorted({_path(f) for f in previous_files} - new)
 
 
-def delete_superseded(storage: Storage, layout: Layout, paths: Iterable[str], *, allow_deletes: bool) -> list[str]:
+def delete_superseded(storage: Storage, layout: Layout, paths: Iterable[str], *, allow_deletes: bool,
+                      deleted: list[str] | None = None) -> list[str]:
     """Delete superseded ``paths`` when ``allow_deletes``; returns the paths deleted (else ``[]``).
 
-    Raises DestinationError from the storage (e.g. the credential lacks the delete permission).
+    ``deleted``, when given, receives each path as soon as its delete succeeded (so a caller can
+    record what a failed call already removed). Raises DestinationError from the storage (e.g. the
+    credential lacks the delete permission).
     """
+    done: list[str] = [] if deleted is None else deleted
     if not allow_deletes:
-        return []
-    deleted = []
+        return done
     for path in sorted(set(paths)):
         storage.delete(layout.key(path))
-        deleted.append(path)
-    return deleted
+        done.append(path)
+    return done
