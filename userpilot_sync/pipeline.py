@@ -11,7 +11,6 @@ manifest.
 from __future__ import annotations
 
 import shutil
-import uuid
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -27,7 +26,7 @@ from userpilot_sync.export import PreparedExport, prepare_export
 from userpilot_sync.partitions import check_in_window, day_window, parse_partition
 from userpilot_sync.source.base import EventSource, ExtractRequest
 from userpilot_sync.source.factory import build_source
-from userpilot_sync.staging import StagedDay, stage_days
+from userpilot_sync.staging import StagedDay, stage_days, temp_name
 
 
 @dataclass
@@ -50,7 +49,7 @@ def extract_and_stage(job: SyncJob, days: list[date], staging_root: Path,
     source = source or build_source(job)
     start, _ = day_window(days[0])
     _, end = day_window(days[-1])
-    work = Path(staging_root) / job.name / f".work-{uuid.uuid4().hex}"
+    work = Path(staging_root) / job.name / temp_name(".work")
     try:
         extraction = source.extract(
             ExtractRequest(sync_job=job.name, app_token=job.app_token, start=start, end=end,

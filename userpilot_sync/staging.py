@@ -26,6 +26,7 @@ leaves a half-staged day behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from collections import Counter, OrderedDict
@@ -221,7 +222,7 @@ def stage_days(
     excluded = sorted(set(exclude_columns))
     schema = staged_arrow_schema(excluded)
     root = Path(root)
-    tmp_root = root / sync_job / f".staging-{uuid.uuid4().hex}"
+    tmp_root = root / sync_job / temp_name(".staging")
     tmp_root.mkdir(parents=True, exist_ok=True)
     # Staged files keep polars' large_string (no cast per batch); read back they are the same frame.
     writers = _BucketWriters(tmp_root, _large_strings(schema))
@@ -345,3 +346,61 @@ def remove_staged(root: Path, sync_job: str, partition: str) -> bool:
         shutil.rmtree(folder)
         return True
     return False
+
+
+# ---------------------------------------------------------------------------------- leftovers
+#: Temporary folders under ``<root>/<sync job>/``: ``<prefix>-<pid>-<uuid>`` (the pid tells a
+#: crashed run's leftovers from a live run's work in progress).
+TEMP_PREFIXES = (".staging", ".work")
+
+
+def temp_name(prefix: str) -> str:
+    """A temporary folder name owned by this process: ``<prefix>-<pid>-<uuid hex>``."""
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A staging folder a crashed run left behind and that was removed: path, age (s), size (bytes)."""
+
+    path: str
+    age_s: float
+    bytes: int
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def remove_leftovers(root: Path, sync_job: str, *, pid_alive, day_free) -> list[Leftover]:
+    """Remove what crashed runs of ``sync_job`` left in staging (raw events are personal data).
+
+    * temporary folders (``.staging-<pid>-…``, ``.work-<pid>-…``) whose process is gone
+      (``pid_alive(pid)`` False; folders of an older naming without a pid are left alone);
+    * staged days (``<YYYY-MM-DD>/``) that no run holds: ``day_free(day)`` must take the day's
+      lock without waiting and keep it until it returns (so no run can start staging it meanwhile).
+
+    Returns what was removed. Never touches the destination.
+    """
+    import time
+
+    job_dir = Path(root) / sync_job
+    removed: list[Leftover] = []
+    if not job_dir.is_dir():
+        return removed
+    now = time.time()
+    for folder in sorted(job_dir.iterdir()):
+        if not folder.is_dir():
+            continue
+        name = folder.name
+        stale = False
+        if name.startswith(TEMP_PREFIXES):
+            parts = name.split("-")
+            stale = len(parts) >= 3 and parts[1].isdigit() and not pid_alive(int(parts[1]))
+        elif len(name) == 10 and name[4] == "-" and name[7] == "-":
+            stale = day_free(name)
+        if stale:
+            leftover = Leftover(str(folder), now - folder.stat().st_mtime, _size(folder))
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(leftover)
+    return removed

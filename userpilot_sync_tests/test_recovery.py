@@ -115,3 +115,37 @@ def test_a_re_executed_run_with_its_parents_worker_tag_is_not_failed(tmp_path):
         instance.handle_run_event(own.run_id, dg.DagsterEvent(
             event_type_value="PIPELINE_START", job_name="noop", message="started"))
         assert recover_dead_runs(instance, pools=[]).failed_runs == [own.run_id]
+
+
+def test_staging_left_by_crashed_runs_is_removed_by_the_next_run(tmp_path):
+    """Temp folders of dead processes and staged days no run holds go; live ones and held days stay."""
+    from userpilot_sync.defs.project import build_definitions
+    from userpilot_sync_tests.fixtures_core import make_job, run_sync
+
+    staging = tmp_path / "staging" / "demo"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in (f".staging-{dead.pid}-aaaa", f".work-{dead.pid}-bbbb", "2026-01-05", f".staging-{os.getpid()}-live",
+                 "2026-01-06", ".staging-legacynopid"):
+        (staging / name / "raw").mkdir(parents=True)
+        (staging / name / "raw" / "00000.arrow").write_bytes(b"x" * 1000)
+    held = tmp_path / "staging" / "demo" / ".locks" / "2026-01-06.lock"
+    held.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(held)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        job = make_job(tmp_path, source={"kind": "demo", "events_per_day": 200, "seed": 1})
+        defs = build_definitions([job], tmp_path / "staging")
+        with dg.instance_for_test() as instance:
+            result = run_sync(defs, instance, PK)
+            assert result.success
+            warnings = [e.user_message for e in instance.all_logs(result.run_id)
+                        if "crashed run left behind" in e.user_message]
+        left = sorted(p.name for p in staging.iterdir())
+        assert left == sorted([".locks", f".staging-{os.getpid()}-live", "2026-01-06", ".staging-legacynopid"])
+        assert len(warnings) == 3 and all("1,000 bytes" in w for w in warnings)
+    finally:
+        holder.kill()

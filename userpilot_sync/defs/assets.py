@@ -149,14 +149,14 @@ def build_day_assets(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition)
         description=f"Exports whole UTC days of sync job {job.name!r}: raw events, every event type, the manifest.",
     )
     def day(context: dg.AssetExecutionContext) -> Iterator:
-        yield from _export_days(context, keys, specs)
+        yield from _export_days(context, keys)
 
     return day
 
 
-def _export_days(context: dg.AssetExecutionContext, keys: SyncJobKeys, specs) -> Iterator:
+def _export_days(context: dg.AssetExecutionContext, keys: SyncJobKeys) -> Iterator:
     try:
-        yield from _export_days_unguarded(context, keys, specs)
+        yield from _export_days_unguarded(context, keys)
     except dg.Failure as exc:
         tag_run(context.instance, context.run_id, exc)
         raise
@@ -169,7 +169,7 @@ def _export_days(context: dg.AssetExecutionContext, keys: SyncJobKeys, specs) ->
         raise wrapped from exc
 
 
-def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys, specs) -> Iterator:
+def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys) -> Iterator:
     job = keys.job
     tags = worker_tags(context.run_id)  # lets recovery tell a dead run
     if context.run.tags.get(FAILURE_TAG):  # inherited from the parent of a re-execution
@@ -186,15 +186,15 @@ def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys,
                          f"(at most {staging.lock_wait_s:.0f} s)")
 
     try:
-        staging.hold_days(job, days, owner=context.run_id, on_wait=waiting)
-        yield from _export_locked(context, keys, specs, staging, source, ledger, plan)
+        staging.hold_days(job, days, owner=context.run_id, on_wait=waiting, log=context.log.warning)
+        yield from _export_locked(context, keys, staging, source, ledger, plan)
     except UserpilotSyncError as exc:  # lock timeout, source errors: nothing was written
         raise failure(job.name, _label(days), str(exc)) from None
     finally:
         staging.release_days()  # also done by the resource's teardown if Dagster drops this generator
 
 
-def _export_locked(context, keys: SyncJobKeys, specs, staging: StagingResource, source: SourceResource,
+def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging: StagingResource, source: SourceResource,
                    ledger: Ledger, plan: _Plan) -> Iterator:
     job = keys.job
     days = plan.days

@@ -32,7 +32,7 @@ from userpilot_sync.locks import PARTITION_LOCK_WAIT_S, FileLockBackend, partiti
 from userpilot_sync.partitions import parse_partition
 from userpilot_sync.source.base import EventSource
 from userpilot_sync.source.factory import build_source
-from userpilot_sync.staging import remove_staged
+from userpilot_sync.staging import remove_leftovers, remove_staged
 
 
 class StagingResource(dg.ConfigurableResource):
@@ -56,15 +56,38 @@ class StagingResource(dg.ConfigurableResource):
     def lock_backend(self) -> FileLockBackend:
         return FileLockBackend(self.path)
 
-    def hold_days(self, job: SyncJob, days: list[str], *, owner: str, on_wait=None) -> None:
-        """Lock ``days`` of ``job`` for run ``owner`` (ascending, bounded wait; LockTimeout), and
-        remove the run's staging (``keep_staging_days``) before the locks are released."""
+    def hold_days(self, job: SyncJob, days: list[str], *, owner: str, on_wait=None, log=None) -> None:
+        """Lock ``days`` of ``job`` for run ``owner`` (ascending, bounded wait; LockTimeout), remove
+        what crashed runs left in the job's staging (``log(message)`` is told each folder, its age
+        and size), and arrange for the run's own staging to be removed (``keep_staging_days``)
+        before the locks are released."""
+        from userpilot_sync.defs.recovery import process_alive
+
         self.release_days()
         stack = contextlib.ExitStack()
-        stack.enter_context(partition_locks(self.lock_backend(), job.name, days, owner=owner,
+        backend = self.lock_backend()
+        stack.enter_context(partition_locks(backend, job.name, days, owner=owner,
                                             wait_s=self.lock_wait_s, on_wait=on_wait))
         stack.callback(clean_staging, self.path, job, days)
         self._held = stack
+        probes: list = []
+
+        def day_free(day: str) -> bool:
+            if day in days or job.keep_staging_days:  # ours (re-staged now), or kept on purpose
+                return False
+            handle = backend.try_acquire(job.name, day, f"{owner}:cleanup")
+            if handle is not None:
+                probes.append(handle)  # held until the folder is gone, so no run starts staging it
+            return handle is not None
+
+        try:
+            for leftover in remove_leftovers(self.path, job.name, pid_alive=process_alive, day_free=day_free):
+                if log is not None:
+                    log(f"sync job {job.name!r}: removed staging a crashed run left behind: {leftover.path} "
+                        f"({leftover.bytes:,} bytes, {leftover.age_s / 3600:.1f} h old)")
+        finally:
+            for handle in probes:
+                backend.release(handle)
 
     def release_days(self) -> None:
         """Remove the held run's staging and release its day locks (no-op when nothing is held)."""
