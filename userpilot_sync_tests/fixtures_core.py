@@ -98,3 +98,22 @@ def check_evaluations(instance, key, name: str) -> dict:
         if isinstance(data, dg.AssetCheckEvaluation):
             newest.setdefault(data.partition, data)
     return newest
+
+
+def lock_holder(path: Path, seconds: int = 120):
+    """Another process holding an exclusive ``flock`` on ``path`` (a day lock) until killed.
+
+    Returns the ``subprocess.Popen`` once the lock is held; kill it to release the lock (the kernel
+    releases the lock of a dead process).
+    """
+    import subprocess
+    import sys
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(int(sys.argv[2]))",
+         str(path), str(seconds)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder

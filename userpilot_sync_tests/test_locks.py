@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import subprocess
-import sys
 import time
 
 import pytest
+
+from userpilot_sync_tests.fixtures_core import lock_holder
 
 from userpilot_sync.locks import FileLockBackend, LockTimeout, partition_locks
 
@@ -47,12 +47,8 @@ def test_another_process_holding_the_day_makes_the_run_wait_then_refuse(tmp_path
     backend = FileLockBackend(tmp_path)
     path = backend.path("demo", "2026-01-01")
     path.parent.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)", str(path)],
-        stdout=subprocess.PIPE, text=True)
+    holder = lock_holder(path, 30)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         waited_for = []
         started = time.monotonic()
         with pytest.raises(LockTimeout, match="partition 2026-01-01: another run is exporting this partition; waited 1 s"):

@@ -20,7 +20,7 @@ import pytest
 
 from userpilot_sync.defs.recovery import WORKER_TAG, process_alive, recover_dead_runs, worker_tags
 from userpilot_sync.partitions import last_complete_days
-from userpilot_sync_tests.fixtures_core import cli_env
+from userpilot_sync_tests.fixtures_core import cli_env, lock_holder
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 REPO = Path(__file__).resolve().parents[1]
@@ -37,14 +37,9 @@ def test_a_killed_cli_run_frees_its_pool_slot_for_the_next_run(tmp_path, monkeyp
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     lock = tmp_path / "staging" / "demo" / ".locks" / f"{PK}.lock"
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)", str(lock)],
-        stdout=subprocess.PIPE, text=True)
+    holder = lock_holder(lock, 120)
     victim = None
     try:
-        assert holder.stdout.readline().strip() == "locked"
         victim = subprocess.Popen(_cli(env), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
         deadline = time.monotonic() + 120
@@ -131,12 +126,8 @@ def test_staging_left_by_crashed_runs_is_removed_by_the_next_run(tmp_path):
         (staging / name / "raw" / "00000.arrow").write_bytes(b"x" * 1000)
     held = tmp_path / "staging" / "demo" / ".locks" / "2026-01-06.lock"
     held.parent.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(held)],
-        stdout=subprocess.PIPE, text=True)
+    holder = lock_holder(held, 60)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         job = make_job(tmp_path, source={"kind": "demo", "events_per_day": 200, "seed": 1})
         defs = build_definitions([job], tmp_path / "staging")
         with dg.instance_for_test() as instance:

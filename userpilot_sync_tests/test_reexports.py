@@ -20,7 +20,7 @@ from userpilot_sync.errors import DestinationError
 from userpilot_sync.locks import FileLockBackend
 from userpilot_sync.partitions import day_window, last_complete_days, utc_today
 from userpilot_sync.source.demo import DemoSource
-from userpilot_sync_tests.fixtures_core import check_evaluations, make_job, run_sync
+from userpilot_sync_tests.fixtures_core import check_evaluations, lock_holder, make_job, run_sync
 from userpilot_sync_tests.fixtures_storage import WRITE_PREFIX, RecordingProxy
 
 DAY = last_complete_days(1)[0]
@@ -220,21 +220,13 @@ def _lock_is_free(tmp_path, pk: str) -> bool:
 
 def test_runs_of_one_partition_never_interleave(tmp_path):
     """Another process (a concurrent run) holds the partition's lock: the run waits, then refuses."""
-    import subprocess
-    import sys
     import time
 
     lock = tmp_path / "staging" / "demo" / ".locks" / f"{PK}.lock"
     assert FileLockBackend(tmp_path / "staging").path("demo", PK) == lock
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(lock)],
-        stdout=subprocess.PIPE, text=True,
-    )
+    holder = lock_holder(lock, 60)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         job = make_job(tmp_path, source={"kind": "demo", "events_per_day": 300, "seed": 9})
         keys = SyncJobKeys(job)
         defs = build_definitions([job], tmp_path / "staging")
