@@ -113,11 +113,14 @@ def build_day_assets(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition)
     formats = sorted({f.format for f in job.formats})
     owners = list(job.owners)
     common = dict(owners=owners, group_name=keys.group)
+    # the UI shows descriptions where users pick what to materialize: say that a day is one unit
+    one_unit = f" A day is one unit: materialize group {keys.group!r} (a single asset of a day is refused)."
     outs: dict[str, dg.AssetOut] = {
         "raw_events": dg.AssetOut(
             key=keys.raw_events, dagster_type=dg.Nothing, kinds={"python"},
             description=(f"Raw Userpilot events of one UTC day from {SOURCE_LABELS[job.source.kind]}, staged on "
-                         f"local disk per event type and hour (Arrow IPC); per day: rows received and source facts."),
+                         f"local disk per event type and hour (Arrow IPC); per day: rows received and source facts."
+                         + one_unit),
             metadata={"sync_id": job.sync_id, "app_token": job.app_token, "source": job.source.kind},
             tags={"userpilot_sync/role": "extract"}, **common),
     }
@@ -125,13 +128,13 @@ def build_day_assets(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition)
         outs[et] = dg.AssetOut(
             key=key, io_manager_key=keys.export_io_manager, kinds={"pandera", dest_kind, formats[0]},
             description=(f"{et} events of one UTC day: filtered, de-duplicated, validated against the Userpilot "
-                         f"Event Schema and exported to {dest_kind} as {', '.join(formats)}."),
+                         f"Event Schema and exported to {dest_kind} as {', '.join(formats)}." + one_unit),
             metadata={"event_type": et},
             tags={"userpilot_sync/role": "export", "userpilot_sync/event_type": et}, **common)
     outs["manifest"] = dg.AssetOut(
         key=keys.manifest, io_manager_key=keys.manifest_io_manager, kinds={"json", dest_kind},
         description="The manifest of one UTC day (_manifest.json), written last: every export's files with rows, "
-                    "bytes and sha256.",
+                    "bytes and sha256." + one_unit,
         tags={"userpilot_sync/role": "manifest"}, **common)
     specs = checks.check_specs(keys, partitions_def)
 
