@@ -5,7 +5,7 @@
 Each partition is one run of the sync job's asset job (a --from/--to backfill: one run per
 ``backfill_days_per_run`` days, one extraction each), recorded in the Dagster instance of
 ``$DAGSTER_HOME`` (``make run`` uses ``.dagster_home/`` in the project folder), so the UI shows the
-same history. Prints one line per run (its failure's one-line cause on stderr), the exported files
+same history. Prints one line per run (its failure's one-line cause and its warnings on stderr), the exported files
 and the newest manifest; exits 1 if a run failed, 2 for bad arguments or sync-job files.
 """
 
@@ -94,6 +94,23 @@ def failure_messages(result) -> list[str]:
     return messages
 
 
+def run_warnings(instance: dg.DagsterInstance, result) -> list[str]:
+    """What a run warned about, which the quiet console hides: the export step's warning log lines
+    (refused days, staging a crashed run left behind, ...) and failed WARN checks, one per day."""
+    import logging
+
+    lines = [entry.user_message for entry in instance.all_logs(result.run_id)
+             if entry.level >= logging.WARNING and entry.step_key and entry.dagster_event is None
+             and entry.level < logging.ERROR]
+    for evaluation in result.get_asset_check_evaluations():
+        if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN:
+            what = evaluation.description or ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in
+                                                       evaluation.metadata.items() if k.startswith("rows"))
+            lines.append(f"check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} "
+                         f"on {evaluation.partition}: {what}")
+    return lines
+
+
 def config_problem(job, exc: Exception) -> str:
     """One sentence for a run Dagster refused before it started (e.g. an unset secret variable)."""
     import re
@@ -150,6 +167,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 break
             status = "ok" if result.success else "FAILED"
             print(f"sync job {job.name}: partition {label} {status} (run {result.run_id})", flush=True)
+            for warning in run_warnings(instance, result):
+                print("    warning: " + warning.replace("\n", "\n    "), file=sys.stderr)
             if not result.success:
                 failed.append(label)
                 for message in failure_messages(result):

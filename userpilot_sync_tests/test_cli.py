@@ -103,3 +103,24 @@ def test_a_missing_api_key_variable_refuses_the_run_before_it_starts(tmp_path, m
     with dg.DagsterInstance.get() as instance:
         assert instance.get_runs() == []
     assert not (tmp_path / "exports").exists()
+
+
+def test_the_quiet_cli_still_prints_what_a_run_warned_about(tmp_path, monkeypatch, capsys):
+    import polars as pl
+
+    from userpilot_sync.partitions import day_window
+    from userpilot_sync.source.demo import DemoSource
+
+    yesterday, before = last_complete_days(2)[1], last_complete_days(2)[0]
+    chunks = tmp_path / "chunks"
+    chunks.mkdir()
+    start, end = day_window(before)
+    pl.concat([pl.from_arrow(t) for t in DemoSource("NX-demo0001", 300, 1).iter_blocks(start, end)]).write_parquet(
+        chunks / "export.parquet")  # the day before has events, yesterday has none
+    _setup(tmp_path, monkeypatch, **{"source:\n  kind: demo\n  events_per_day: 400\n  seed: 42":
+                                     f"source:\n  kind: files\n  path: {chunks}"})
+    assert cli.main(["sync", "--job", "demo", "--partition", before.isoformat(), "--partition",
+                     yesterday.isoformat()]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: check demo/raw_events:not_unexpectedly_empty on {yesterday.isoformat()}: sync job 'demo', "
+            f"partition {yesterday.isoformat()}: the source returned no events, but the previous day had 300") in err
