@@ -254,8 +254,9 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
     # manifests, published last by the ManifestIOManager
     allow_deletes = bool(getattr(job.destination, "allow_deletes", False))
     manifests = {}
+    earlier = ledger.earlier_paths_by_day(list(prepared))
     for pk in prepared:
-        superseded = superseded_paths(ledger.earlier_paths(pk), files[pk])
+        superseded = superseded_paths(earlier[pk], files[pk])
         manifests[pk] = manifest_for(job, staged[pk], prepared[pk].values(), files[pk], context.run_id,
                                      superseded=superseded, deleted=superseded if allow_deletes else [])
     yield dg.Output(ManifestBatch(manifests, not_exported), output_name="manifest")

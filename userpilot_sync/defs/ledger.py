@@ -107,11 +107,12 @@ class Ledger:
         self.keys = keys
 
     # ------------------------------------------------------------------ paging
-    def _records(self, key: dg.AssetKey, partition: str | None = None, *, observations: bool = False,
+    def _records(self, key: dg.AssetKey, partition: str | list[str] | None = None, *, observations: bool = False,
                  newest_first: bool = True) -> Iterator[Any]:
-        """Every materialization (or observation) record of ``key`` (of one partition), paged."""
+        """Every materialization (or observation) record of ``key`` (of one or several partitions), paged."""
         fetch = self.instance.fetch_observations if observations else self.instance.fetch_materializations
-        flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None)
+        partitions = [partition] if isinstance(partition, str) else partition
+        flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions or None)
         cursor = None
         while True:
             result = fetch(flt, limit=PAGE_SIZE, cursor=cursor, ascending=not newest_first)
@@ -159,22 +160,31 @@ class Ledger:
 
     # ------------------------------------------------------------------ files per day
     def earlier_paths(self, partition: str) -> set[str]:
-        """Every path an earlier export of ``partition`` wrote and has not deleted.
+        """Every path an earlier export of ``partition`` wrote and has not deleted (see
+        :meth:`earlier_paths_by_day`)."""
+        return self.earlier_paths_by_day([partition])[partition]
+
+    def earlier_paths_by_day(self, partitions: list[str]) -> dict[str, set[str]]:
+        """Per day of ``partitions``: every path an earlier export wrote and has not deleted.
 
         The union over all recorded export and manifest materializations and the observations of
         failed writes (oldest first), not only the last manifest: a run that failed before its
-        manifest may have written parts that a new file list no longer has.
+        manifest may have written parts that a new file list no longer has. One paged query per
+        asset for all the days (a backfill range), not one per day.
         """
         events = []
         for key in [*self.keys.exports.values(), self.keys.manifest]:
-            events.extend(self._records(key, partition, newest_first=False))
-            events.extend(self._records(key, partition, observations=True, newest_first=False))
-        paths: set[str] = set()
+            events.extend(self._records(key, list(partitions), newest_first=False))
+            events.extend(self._records(key, list(partitions), observations=True, newest_first=False))
+        paths: dict[str, set[str]] = {pk: set() for pk in partitions}
         for record in sorted(events, key=lambda r: r.storage_id):
+            pk = record.partition_key
+            if pk not in paths:
+                continue
             event = record.asset_materialization or record.asset_observation
-            paths |= {f["path"] for f in (_of_day(event, FILES_KEY, partition) or [])}
-            paths |= set(_of_day(event, SUPERSEDED_KEY, partition, V1_SUPERSEDED_KEY) or [])
-            paths -= set(_of_day(event, DELETED_KEY, partition, V1_DELETED_KEY) or [])
+            paths[pk] |= {f["path"] for f in (_of_day(event, FILES_KEY, pk) or [])}
+            paths[pk] |= set(_of_day(event, SUPERSEDED_KEY, pk, V1_SUPERSEDED_KEY) or [])
+            paths[pk] -= set(_of_day(event, DELETED_KEY, pk, V1_DELETED_KEY) or [])
         return paths
 
     def exported_before(self, partition: str, *, run_id: str) -> bool:
