@@ -1,12 +1,19 @@
-"""Command line: run sync jobs through Dagster without the UI.
+"""Command line: run sync jobs through Dagster without the UI, and see every day's status.
 
     python -m userpilot_sync.cli sync [--job NAME] [--days N | --partition YYYY-MM-DD ... | --from D --to D]
+                                      [--allow-shrink]
+    python -m userpilot_sync.cli status [--job NAME] [--json] [--all]
 
 Each partition is one run of the sync job's asset job (a --from/--to backfill: one run per
 ``backfill_days_per_run`` days, one extraction each), recorded in the Dagster instance of
 ``$DAGSTER_HOME`` (``make run`` uses ``.dagster_home/`` in the project folder), so the UI shows the
-same history. Prints one line per run (its failure's one-line cause and its warnings on stderr), the exported files
-and the newest manifest; exits 1 if a run failed, 2 for bad arguments or sync-job files.
+same history. Prints one line per run (its failure's one-line cause, its warnings and every failed
+ERROR check per day on stderr), the exported files and the newest manifest. Exit codes: 0 success;
+1 a run failed (or the instance could not be opened); 2 bad arguments or sync-job files; 3 every
+run succeeded but an ERROR check failed. ``status`` lists every day of the 365-day window as
+complete, empty, replacing, running, failed, late, pending or missing (``defs/status.py``). The
+instance is opened under an initialisation lock in ``$DAGSTER_HOME`` (``defs/instance.py``), so
+several commands started at once on a new ``DAGSTER_HOME`` are safe.
 """
 
 from __future__ import annotations
@@ -21,14 +28,20 @@ import dagster as dg
 
 from userpilot_sync.config.loader import load_sync_jobs
 from userpilot_sync.defs.automation import backfill_ranges
+from userpilot_sync.defs.instance import InstanceInitTimeout, open_instance
 from userpilot_sync.defs.keys import SyncJobKeys
 from userpilot_sync.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, sync_window_partitions
 from userpilot_sync.defs.project import build_definitions
 from userpilot_sync.defs.recovery import recover_dead_runs
 from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.errors import UserpilotSyncError, WindowError
+from userpilot_sync.guards import ALLOW_SHRINK_TAG
 from userpilot_sync.partitions import check_in_window, last_complete_days, parse_partition, window_bounds
 
+
+#: Exit codes (docs/operations.md): success; a run failed; bad arguments or sync-job files; every run
+#: succeeded but an ERROR check failed (e.g. filters removed every event of a type).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CHECK_ERRORS = 0, 1, 2, 3
 
 #: Console logging of runs started here: warnings and errors only (the UI shows every event).
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
@@ -104,11 +117,22 @@ def run_warnings(instance: dg.DagsterInstance, result) -> list[str]:
              and entry.level < logging.ERROR]
     for evaluation in result.get_asset_check_evaluations():
         if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN:
-            what = evaluation.description or ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in
-                                                       evaluation.metadata.items() if k.startswith("rows"))
-            lines.append(f"check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} "
-                         f"on {evaluation.partition}: {what}")
+            lines.append(_check_line(evaluation))
     return lines
+
+
+def _check_line(evaluation) -> str:
+    what = evaluation.description or ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in
+                                               evaluation.metadata.items() if k.startswith("rows"))
+    return f"check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} on {evaluation.partition}: {what}"
+
+
+def run_check_errors(result) -> list[str]:
+    """Failed ERROR checks of a run, one line per day and check, except ``day_exported`` of days the
+    run's failure already explains."""
+    return [_check_line(e) for e in result.get_asset_check_evaluations()
+            if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR
+            and not (e.check_name == "day_exported" and not result.success)]
 
 
 def config_problem(job, exc: Exception) -> str:
@@ -122,27 +146,35 @@ def config_problem(job, exc: Exception) -> str:
     return str(exc).strip().splitlines()[0]
 
 
-def cmd_sync(args: argparse.Namespace) -> int:
+class _UsageError(Exception):
+    """Bad arguments or sync-job files: the message is printed, the exit code is EXIT_USAGE."""
+
+
+def _load(name: str):
+    """Every configured sync job and the one named ``name``; _UsageError names what is wrong."""
     try:
         jobs = load_sync_jobs()
     except UserpilotSyncError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+        raise _UsageError(str(exc)) from None
     by_name = {j.name: j for j in jobs}
-    if args.job not in by_name:
-        print(f"unknown sync job {args.job!r}; configured: {', '.join(sorted(by_name)) or 'none'}", file=sys.stderr)
-        return 2
-    job = by_name[args.job]
+    if name not in by_name:
+        raise _UsageError(f"unknown sync job {name!r}; configured: {', '.join(sorted(by_name)) or 'none'}")
+    return jobs, by_name[name]
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    jobs, job = _load(args.job)
     try:
         ranges = _ranges(job, args)
     except (ValueError, WindowError) as exc:
         print(exc, file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     defs = build_definitions(jobs)
     keys = SyncJobKeys(job)
     job_def = defs.resolve_job_def(keys.sync_job_name)
-    failed = []
-    with dg.DagsterInstance.get() as instance:
+    failed: list[str] = []
+    check_errors: list[str] = []
+    with open_instance() as instance:
         recovered = recover_dead_runs(instance, pools=[job.pool])
         if recovered.failed_runs or recovered.freed_slots_of:
             print(f"sync job {job.name}: recovered from dead runs: {recovered.summary()}", file=sys.stderr)
@@ -150,6 +182,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         for first, last in ranges:
             label = first.isoformat() if first == last else f"{first.isoformat()}...{last.isoformat()}"
             tags = keys.run_tags("cli")
+            if args.allow_shrink:
+                tags[ALLOW_SHRINK_TAG] = "true"
             try:
                 if first == last:
                     result = job_def.execute_in_process(
@@ -169,12 +203,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
             print(f"sync job {job.name}: partition {label} {status} (run {result.run_id})", flush=True)
             for warning in run_warnings(instance, result):
                 print("    warning: " + warning.replace("\n", "\n    "), file=sys.stderr)
+            for error in run_check_errors(result):
+                check_errors.append(label)
+                print("    ERROR " + error.replace("\n", "\n    "), file=sys.stderr)
             if not result.success:
                 failed.append(label)
                 for message in failure_messages(result):
                     print("    " + message.replace("\n", "\n    "), file=sys.stderr)
     if job.source.kind in ("demo", "export_api") and not failed:
-        with dg.DagsterInstance.get() as instance:
+        with open_instance() as instance:
             result = defs.resolve_job_def(keys.lookups_job_name).execute_in_process(
                 instance=instance, raise_on_error=False, run_config=QUIET, tags=keys.run_tags("cli")
             )
@@ -197,8 +234,35 @@ def cmd_sync(args: argparse.Namespace) -> int:
             print(json.dumps(doc, indent=2))
     if failed:
         print(f"\n{len(failed)} partition(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    if check_errors:
+        print(f"\nexported, but ERROR checks failed in run(s) of: {', '.join(dict.fromkeys(check_errors))} "
+              f"(see above; exit code {EXIT_CHECK_ERRORS})", file=sys.stderr)
+        return EXIT_CHECK_ERRORS
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Every day of the window: complete, empty, replacing, running, failed, late, pending, missing."""
+    from userpilot_sync.defs.status import day_statuses, summary
+
+    keys = SyncJobKeys(_load(args.job)[1])
+    with open_instance() as instance:
+        statuses = day_statuses(instance, keys)
+    counts = summary(statuses)
+    if args.json:
+        print(json.dumps({"sync_job": keys.name, "summary": counts, "days": [d.to_dict() for d in statuses]}, indent=2))
+        return EXIT_OK
+    print(f"sync job {keys.name}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    shown = statuses if args.all else [d for d in statuses if d.status != "missing" or d.late]
+    for d in reversed(shown):  # newest first
+        rows = "" if d.rows is None else f"{d.rows:>10,d} rows"
+        note = d.reason or d.last_attempt or ""
+        late = " LATE" if d.late else ""
+        print(f"  {d.partition}  {d.status:<9}{late:<5} {rows:>15}  {note.splitlines()[0][:120] if note else ''}")
+    if not args.all and len(shown) < len(statuses):
+        print(f"  ({len(statuses) - len(shown)} older missing days not shown; --all shows every day)")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,11 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--partition", action="append", help="a partition key YYYY-MM-DD (repeatable)")
     which.add_argument("--from", dest="range_from", help="backfill: first day YYYY-MM-DD (runs of backfill_days_per_run days)")
     sync.add_argument("--to", dest="range_to", help="backfill: last day YYYY-MM-DD (with --from; default: --from)")
+    sync.add_argument("--allow-shrink", action="store_true",
+                      help="let re-exports lose more rows than checks.max_shrink (run tag userpilot_sync/allow_shrink)")
     sync.set_defaults(func=cmd_sync)
+    status = sub.add_parser("status", help="every day of a sync job's 365-day window, from the Dagster instance")
+    status.add_argument("--job", default="demo", help="sync job name (default: demo)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--all", action="store_true", help="also list the missing days before the first export")
+    status.set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     if getattr(args, "range_to", None) and not args.range_from:
         parser.error("--to needs --from")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except InstanceInitTimeout as exc:  # another process kept the instance's initialisation lock
+        print(exc, file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -30,3 +30,8 @@ class ValidationError(UserpilotSyncError):
 
 class DestinationError(UserpilotSyncError):
     """Writing to the destination failed or is not allowed."""
+
+
+class GuardError(ValidationError):
+    """A day was refused before upload by a guard (unaccounted rows, a re-export that would shrink
+    an export beyond ``checks.max_shrink``); nothing of the day was written."""

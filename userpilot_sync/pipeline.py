@@ -18,10 +18,11 @@ from typing import Iterable
 
 from userpilot_sync.config.model import SyncJob
 from userpilot_sync.destination.factory import build_storage
-from userpilot_sync.destination.manifest import FileRecord, build_manifest
+from userpilot_sync.destination.manifest import FileRecord, build_manifest, build_replacing_manifest, event_type_entry
 from userpilot_sync.destination.storage import Storage
 from userpilot_sync.destination.writer import write_export, write_manifest
 from userpilot_sync.errors import ValidationError
+from userpilot_sync.guards import DayCounts, check_accounting
 from userpilot_sync.export import PreparedExport, prepare_export
 from userpilot_sync.partitions import check_in_window, day_window, parse_partition
 from userpilot_sync.source.base import EventSource, ExtractRequest
@@ -93,6 +94,15 @@ def day_source_facts(staged: StagedDay) -> dict:
     return source
 
 
+def day_counts(staged: StagedDay, prepared: dict[str, PreparedExport]) -> DayCounts:
+    """What a day's preparation counted, for :func:`~userpilot_sync.guards.check_accounting`."""
+    return DayCounts(
+        sync_job=staged.sync_job, partition=staged.partition, rows_received=staged.rows_received,
+        received_by_type=dict(staged.rows_by_event_type),
+        by_event_type={et: (p.rows_staged, p.rows, p.duplicates_dropped, p.filtered_out) for et, p in prepared.items()},
+    )
+
+
 def manifest_for(job: SyncJob, staged: StagedDay, prepared: Iterable[PreparedExport], files: Iterable[FileRecord],
                  run_id: str, superseded: Iterable[str] = (), deleted: Iterable[str] = ()) -> dict:
     """The manifest of one partition, from its staging record and its written exports.
@@ -105,19 +115,34 @@ def manifest_for(job: SyncJob, staged: StagedDay, prepared: Iterable[PreparedExp
     prepared = list(prepared)
     start, end = day_window(parse_partition(staged.partition))
     source = day_source_facts(staged)
+    selected = {p.event_type for p in prepared}
     source.update(
         source_rows=staged.rows_received,
         duplicates_dropped=sum(p.duplicates_dropped for p in prepared),
         filtered_out=sum(p.filtered_out for p in prepared),
+        not_selected=sum(n for et, n in staged.rows_by_event_type.items() if et not in selected),
         unknown_columns=staged.unknown_columns,
     )
+    filters = job.settings_summary().get("filters") or {}
+    entries = {p.event_type: event_type_entry(p.event_type, rows=p.rows, rows_received=p.rows_staged,
+                                              duplicates_dropped=p.duplicates_dropped, filtered_out=p.filtered_out,
+                                              filters=filters)
+               for p in prepared}
     return build_manifest(
         sync_job=job.name, sync_id=job.sync_id, app_token=job.app_token, title=job.title,
         partition=staged.partition, window_from=start, window_to=end, run_id=run_id,
-        settings=job.settings_summary(), source=source,
-        event_types={p.event_type: p.rows for p in prepared}, files=files,
+        settings=job.settings_summary(), source=source, event_types=entries, files=files,
         superseded=superseded, deleted=deleted,
     )
+
+
+def replacing_manifest_for(job: SyncJob, partition: str, run_id: str, replacing: Iterable[str]) -> dict:
+    """The ``replacing`` manifest of one partition (``destination/manifest.py``): written before a
+    re-export replaces any file; ``replacing`` are the paths earlier exports of the day wrote."""
+    start, end = day_window(parse_partition(partition))
+    return build_replacing_manifest(sync_job=job.name, sync_id=job.sync_id, app_token=job.app_token, title=job.title,
+                                    partition=partition, window_from=start, window_to=end, run_id=run_id,
+                                    replacing=replacing)
 
 
 def sync_partition(
@@ -129,17 +154,23 @@ def sync_partition(
     source: EventSource | None = None,
     run_id: str = "local",
     now: datetime | None = None,
+    replacing: Iterable[str] | None = None,
 ) -> PartitionResult:
-    """Export one partition of ``job``: every selected event type, then the manifest.
+    """Export one partition of ``job``: every selected event type, then the complete manifest.
 
-    Raises WindowError (outside the 365-day window), SourceError, ValidationError or
-    DestinationError; on any error no manifest is written for the partition.
+    ``replacing`` (paths an earlier export of the day wrote, ``[]`` when unknown) makes this a
+    re-export: a ``replacing`` manifest is written before the first data file. Raises WindowError
+    (outside the 365-day window), SourceError, ValidationError or DestinationError; on any error no
+    complete manifest is written for the partition.
     """
     day = parse_partition(partition)
     check_in_window(job.name, day, now)
     storage = storage or build_storage(job)
     staged = extract_and_stage(job, [day], staging_root, source)[partition]
     prepared = prepare_day(job, staged)
+    check_accounting(day_counts(staged, prepared))
+    if replacing is not None:
+        write_manifest(replacing_manifest_for(job, partition, run_id, replacing), job, storage)
     files: list[FileRecord] = []
     for p in prepared.values():
         files.extend(write_export(p, job, storage, staged.root / "write" / p.event_type).files)

@@ -65,3 +65,16 @@ def initial_backfill_partitions(job: SyncJob, now: datetime) -> list[str]:
         return []
     today = utc_today(now)
     return _clip(job, [today - timedelta(days=i) for i in range(job.backfill_days, 0, -1)], now)
+
+
+def export_deadline(job: SyncJob, day: date) -> datetime:
+    """When day ``day`` must be exported at the latest (UTC): the regular sync's tick that exports
+    it (daily: the next day at 03:00; weekly: the first Monday 03:00 after the day) plus
+    ``checks.deadline_hours``. Later than that, a day without a complete manifest is ``late``."""
+    from datetime import time, timezone
+
+    tick_day = day + timedelta(days=1)
+    if job.frequency == "weekly":
+        tick_day += timedelta(days=(7 - tick_day.weekday()) % 7)  # Monday = 0
+    tick = datetime.combine(tick_day, time(3, 0), tzinfo=timezone.utc)
+    return tick + timedelta(hours=job.checks.deadline_hours)

@@ -12,6 +12,7 @@ import polars as pl
 from userpilot_sync.cli import failure_messages
 from userpilot_sync.defs.keys import SyncJobKeys
 from userpilot_sync.defs.project import build_definitions
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import day_window, last_complete_days
 from userpilot_sync.source.demo import DemoSource
 from userpilot_sync_tests.fixtures_core import check_evaluations, make_job, run_sync
@@ -47,7 +48,7 @@ def test_range_run_exports_each_day_with_its_own_manifest(tmp_path):
             doc = json.loads(_manifest(job, pk).read_text())
             expected = DemoSource(job.app_token, 800, 5).expected_counts(date.fromisoformat(pk))
             assert doc["partition"] == pk
-            assert doc["event_types"] == {et: expected[et] for et in job.event_types}
+            assert rows_by_event_type(doc) == {et: expected[et] for et in job.event_types}
             assert all(f["path"].startswith(pk) for f in doc["files"])
             # one extraction covered the whole range; the manifest's window is the day's own
             assert doc["source"]["extraction_window"]["from"].startswith(DAYS[0])
@@ -57,12 +58,12 @@ def test_range_run_exports_each_day_with_its_own_manifest(tmp_path):
             assert doc["run_id"] == result.run_id
             # each day's records carry that day's own figures (not the range's)
             track = _latest(instance, keys.export("track"), pk).asset_materialization.metadata
-            assert track["dagster/row_count"].value == doc["event_types"]["track"]
+            assert track["dagster/row_count"].value == rows_by_event_type(doc)["track"]
             assert track["dagster/uri"].value.endswith(f"/{pk}/track.parquet")
             assert [f["path"] for f in track["userpilot/files"].value] == [f"{pk}/track.parquet"]
             manifest_md = _latest(instance, keys.manifest, pk).asset_materialization.metadata
             assert manifest_md["userpilot/status"].value == "exported"
-            assert manifest_md["dagster/row_count"].value == sum(doc["event_types"].values()) == 800
+            assert manifest_md["dagster/row_count"].value == sum(rows_by_event_type(doc).values()) == 800
             assert manifest_md["dagster/uri"].value == _manifest(job, pk).as_uri()
         exported = check_evaluations(instance, keys.manifest, "day_exported")
         assert sorted(exported) == DAYS and all(e.passed for e in exported.values())
@@ -116,8 +117,8 @@ def test_bad_day_in_a_range_does_not_cost_the_good_days(tmp_path):
         assert "event_name" in exported[DAYS[1]].metadata["reason"].value
         assert exported[DAYS[1]].metadata["rows"].value == 0
         good = json.loads(_manifest(job, DAYS[2]).read_text())
-        assert good["event_types"]["interaction"] > 0
-        assert exported[DAYS[2]].metadata["rows"].value == sum(good["event_types"].values())
+        assert rows_by_event_type(good)["interaction"] > 0
+        assert exported[DAYS[2]].metadata["rows"].value == sum(rows_by_event_type(good).values())
 
 
 def test_connection_check_job_writes_a_marker(tmp_path):

@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 
 from userpilot_sync import cli
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import last_complete_days
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def test_cli_backfill_range_and_days(tmp_path, monkeypatch, capsys):
     assert "sync job demo: lookups ok" in out
     for pk in days:
         manifest = json.loads((root / pk / "_manifest.json").read_text())
-        assert manifest["partition"] == pk and sum(manifest["event_types"].values()) == 400
+        assert manifest["partition"] == pk and sum(rows_by_event_type(manifest).values()) == 400
     assert "Newest manifest" in out and f'"partition": "{days[2]}"' in out
     assert (root / "lookups" / "flows.parquet").exists() and not (root / "definitions").exists()
     # the runs are in the persistent instance, tagged with the sync job and the trigger
@@ -120,7 +121,8 @@ def test_the_quiet_cli_still_prints_what_a_run_warned_about(tmp_path, monkeypatc
     _setup(tmp_path, monkeypatch, **{"source:\n  kind: demo\n  events_per_day: 400\n  seed: 42":
                                      f"source:\n  kind: files\n  path: {chunks}"})
     assert cli.main(["sync", "--job", "demo", "--partition", before.isoformat(), "--partition",
-                     yesterday.isoformat()]) == 0
+                     yesterday.isoformat()]) == cli.EXIT_CHECK_ERRORS  # an empty day after a normal one
     err = capsys.readouterr().err
+    assert f"ERROR check demo/page_view:expected_volume on {yesterday.isoformat()}" in err
     assert (f"warning: check demo/raw_events:not_unexpectedly_empty on {yesterday.isoformat()}: sync job 'demo', "
             f"partition {yesterday.isoformat()}: the source returned no events, but the previous day had 300") in err

@@ -132,9 +132,17 @@ def test_gcs_reexport_uses_recorded_generations(fake_gcs, tmp_path, request, mon
                     assert older.run_id == first.run_id and newest.run_id == second.run_id
                     recorded |= {str(g) for g in older.asset_materialization.metadata["userpilot/generations"].value.values()}
                 uploads = [r for r in proxy.log if r.method == "POST" and r.path.startswith("/upload/")]
-                # every overwrite is conditioned on the generation the first run recorded
-                assert len(uploads) == len(EVENT_TYPES) + 1
-                assert {r.query["ifGenerationMatch"][0] for r in uploads} == recorded == {str(g) for g in blobs.values()}
+                # every overwrite is conditioned on the generation the first run recorded: the
+                # 'replacing' manifest first, the data files, then the complete manifest, conditioned on
+                # the generation the 'replacing' manifest got
+                manifest_key = f"{folder}/_manifest.json"
+                names = [next(n for n in [*blobs, "?"] if n == "?" or f'"name": "{n}"'.encode() in r.body
+                              or f'"name":"{n}"'.encode() in r.body) for r in uploads]
+                assert len(uploads) == len(EVENT_TYPES) + 2
+                assert names[0] == names[-1] == manifest_key and manifest_key not in names[1:-1]
+                assert {r.query["ifGenerationMatch"][0] for r in uploads[:-1]} == recorded == {str(g) for g in blobs.values()}
+                assert uploads[0].query["ifGenerationMatch"] == [str(blobs[manifest_key])]
+                assert uploads[-1].query["ifGenerationMatch"][0] not in recorded
                 after = {b.name: b.generation for b in fake_gcs.client().list_blobs(bucket)}
                 assert set(after) == set(blobs) and all(after[k] != blobs[k] for k in blobs)
                 # the second run recorded the new generations (the next re-export's preconditions)

@@ -13,6 +13,7 @@ from userpilot_sync.config.loader import load_sync_jobs
 from userpilot_sync.defs.keys import SyncJobKeys
 from userpilot_sync.defs.partitions import sync_window_partitions
 from userpilot_sync.defs.project import build_definitions
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import last_complete_days, utc_today
 from userpilot_sync.schema.events import EVENT_TYPES
 from userpilot_sync_tests.fixtures_core import make_job, run_sync
@@ -69,6 +70,7 @@ def test_assets_carry_kinds_owners_descriptions_and_lineage(tmp_path):
         dg.AssetCheckKey(keys.raw_events, "not_unexpectedly_empty"),
         dg.AssetCheckKey(keys.manifest, "day_exported"),
         *(dg.AssetCheckKey(k, "known_values") for k in keys.exports.values()),
+        *(dg.AssetCheckKey(k, "expected_volume") for k in keys.exports.values()),
     }
 
 
@@ -127,8 +129,8 @@ def test_materialize_partition_records_metadata_and_manifest(tmp_path):
         manifest_path = _folder(job) / "_manifest.json"
         manifest = json.loads(manifest_path.read_text())
         assert manifest["run_id"] == result.run_id
-        assert manifest["event_types"]["track"] == track["dagster/row_count"].value
-        assert sum(manifest["event_types"].values()) == 3000
+        assert rows_by_event_type(manifest)["track"] == track["dagster/row_count"].value
+        assert sum(rows_by_event_type(manifest).values()) == 3000
         assert track["bytes"].value == next(f["bytes"] for f in manifest["files"] if f["event_type"] == "track")
         manifest_md = mats["demo/manifest"].metadata
         assert manifest_md["dagster/uri"].value == manifest_path.as_uri()

@@ -16,6 +16,7 @@ import httpx
 import pydantic
 import pytest
 
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.errors import SourceError
 from userpilot_sync.partitions import day_window
 from userpilot_sync.pipeline import sync_partition
@@ -124,7 +125,7 @@ def test_request_body_carries_window_event_types_and_format(tmp_path, emulator, 
     assert body == {"from": "2026-03-09T00:00:00Z", "to": "2026-03-10T00:00:00Z",
                     "event_type": ["interaction", "track"], "format": "ndjson"}
     assert create.headers["Content-Type"] == "application/json"
-    assert set(read_manifest(job)["event_types"]) == {"interaction", "track"}
+    assert set(rows_by_event_type(read_manifest(job))) == {"interaction", "track"}
 
 
 def test_rows_outside_the_day_are_counted_not_exported(tmp_path, emulator, fake_clock, demo_track):

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import day_window
 from userpilot_sync.pipeline import sync_partition
 from userpilot_sync.schema.events import EVENT_TYPES, export_arrow_schema
@@ -279,7 +280,7 @@ def test_filters_end_to_end_manifest_and_files(tmp_path, filters, keep):
     expected = _expected_counts(filters, keep)
     selected = tuple(expected)
     manifest = result.manifest
-    assert manifest["event_types"] == expected
+    assert rows_by_event_type(manifest) == expected
     source = _source_frame()
     in_types = source.filter(pl.col("event_type").is_in(list(selected))).height
     # the source is asked for the selected event types only (as the Export API's event_type[])
@@ -405,7 +406,7 @@ def test_every_format_reads_back_the_same_rows(matrix_run, layout, combo):
         reference = _read_duckdb(sync_root, layout, et, "parquet", "parquet", schema)
         assert reference.schema["inserted_at"] == pl.Datetime("us", "UTC")
         _assert_same(reference, _expected(et), f"parquet {et}")  # the Parquet export is the source's day
-        assert reference.height == manifest["event_types"][et]
+        assert reference.height == rows_by_event_type(manifest)[et]
         ndjson = next(s for s in job.formats if s.format == "ndjson")
         _assert_same(_read_duckdb(sync_root, layout, et, "ndjson", ndjson.extension, schema), reference, f"ndjson {et}")
         csv_spec = next(s for s in job.formats if s.format == "csv")
@@ -472,7 +473,7 @@ def test_max_file_rows_splits_into_numbered_parts(tmp_path, layout):
             assert [f["path"] for f in entries] == names
             assert [f["part"] for f in entries] == list(range(n))
             assert [f["rows"] for f in entries] == [min(limit, rows - i * limit) for i in range(n)]
-            assert sum(f["rows"] for f in entries) == rows == manifest["event_types"][et]
+            assert sum(f["rows"] for f in entries) == rows == rows_by_event_type(manifest)[et]
             expected_paths.update(names)
     assert any(_expected(et).height > 2 * limit for et in EVENT_TYPES)  # some export really has 3+ parts
     manifest_path = f"_manifests/date={PARTITION}/_manifest.json" if layout == "hive" else f"{PARTITION}/_manifest.json"

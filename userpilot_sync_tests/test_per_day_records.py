@@ -16,6 +16,7 @@ from userpilot_sync.cli import failure_messages
 from userpilot_sync.defs.keys import SyncJobKeys
 from userpilot_sync.defs.partitions import sync_window_partitions
 from userpilot_sync.defs.project import build_definitions
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import day_window, last_complete_days, window_partition_keys
 from userpilot_sync.source.demo import DemoSource
 from userpilot_sync_tests.fixtures_core import cli_env, make_job, run_sync
@@ -51,7 +52,7 @@ def test_range_run_records_each_days_own_figures_and_checks(tmp_path):
             expected = DemoSource(job.app_token, 900, 3).expected_counts(date.fromisoformat(pk))
             for et, key in keys.exports.items():
                 md = _latest(instance, key, pk).asset_materialization.metadata
-                assert md["dagster/row_count"].value == doc["event_types"][et] == expected[et]
+                assert md["dagster/row_count"].value == rows_by_event_type(doc)[et] == expected[et]
                 files = [f for f in doc["files"] if f["event_type"] == et]
                 assert md["bytes"].value == sum(f["bytes"] for f in files)
                 assert md["files"].value == len(files)
@@ -59,7 +60,7 @@ def test_range_run_records_each_days_own_figures_and_checks(tmp_path):
                 assert [f["sha256"] for f in md["userpilot/files"].value] == [f["sha256"] for f in files]
                 assert md["userpilot/status"].value == "exported"
             manifest_md = _latest(instance, keys.manifest, pk).asset_materialization.metadata
-            assert manifest_md["dagster/row_count"].value == sum(doc["event_types"].values()) == 900
+            assert manifest_md["dagster/row_count"].value == sum(rows_by_event_type(doc).values()) == 900
             assert manifest_md["dagster/uri"].value.endswith(f"/{pk}/_manifest.json")
             raw_md = _latest(instance, keys.raw_events, pk).asset_materialization.metadata
             assert raw_md["rows_received"].value == raw_md["dagster/row_count"].value == 900

@@ -11,6 +11,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.errors import SourceError, ValidationError, WindowError
 from userpilot_sync.partitions import day_window
 from userpilot_sync.pipeline import sync_partition
@@ -35,7 +36,7 @@ def test_partition_exports_match_generator_counts_and_manifest(tmp_path, demo_jo
     assert names == sorted([f"{et}.parquet" for et in EVENT_TYPES] + ["_manifest.json"])
     manifest = json.loads((folder / "_manifest.json").read_text())
     assert manifest == result.manifest
-    assert manifest["event_types"] == {et: expected[et] for et in EVENT_TYPES}
+    assert rows_by_event_type(manifest) == {et: expected[et] for et in EVENT_TYPES}
     assert manifest["source"]["source_rows"] == 3000
     assert manifest["source"]["rows_outside_window"] == 0
     assert len(manifest["files"]) == 7
@@ -45,7 +46,11 @@ def test_partition_exports_match_generator_counts_and_manifest(tmp_path, demo_jo
         assert entry["bytes"] == path.stat().st_size
         assert entry["rows"] == pq.ParquetFile(path).metadata.num_rows == expected[entry["event_type"]]
     assert manifest["window"] == {"from": "2026-03-09T00:00:00+00:00", "to": "2026-03-10T00:00:00+00:00"}
-    assert manifest["manifest_version"] == 1 and manifest["partition"] == PARTITION
+    assert manifest["manifest_version"] == 2 and manifest["partition"] == PARTITION
+    assert manifest["status"] == "complete" and "3000 rows exported in 7 of 7 event types" in manifest["status_reason"]
+    for et, entry in manifest["event_types"].items():
+        assert entry["status"] == "complete" and "reason" not in entry
+        assert entry["rows_received"] == entry["rows"] + entry["duplicates_dropped"] + entry["filtered_out"]
 
 
 def test_duckdb_reads_the_same_rows(tmp_path, demo_job, staging_root):
@@ -133,14 +138,14 @@ def test_rows_outside_the_day_are_counted_not_exported(tmp_path, staging_root):
     late.write_parquet(folder / "export-part3.parquet")
     result = sync_partition(_files_job(tmp_path, folder), PARTITION, staging_root, now=NOW)
     assert result.manifest["source"]["rows_outside_window"] == late.height > 0
-    assert sum(result.manifest["event_types"].values()) == 3000
+    assert sum(rows_by_event_type(result.manifest).values()) == 3000
 
 
 def test_exact_duplicates_are_dropped(tmp_path, staging_root):
     folder = _chunks(tmp_path, mutate=lambda f: pl.concat([f, f.slice(0, 25)]))
     result = sync_partition(_files_job(tmp_path, folder), PARTITION, staging_root, now=NOW)
     assert result.manifest["source"]["duplicates_dropped"] == 25
-    assert sum(result.manifest["event_types"].values()) == 3000
+    assert sum(rows_by_event_type(result.manifest).values()) == 3000
 
 
 @pytest.mark.parametrize(

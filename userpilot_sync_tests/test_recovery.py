@@ -19,6 +19,7 @@ import dagster as dg
 import pytest
 
 from userpilot_sync.defs.recovery import WORKER_TAG, process_alive, recover_dead_runs, worker_tags
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import last_complete_days
 from userpilot_sync_tests.fixtures_core import cli_env, lock_holder
 
@@ -72,7 +73,7 @@ def test_a_killed_cli_run_frees_its_pool_slot_for_the_next_run(tmp_path, monkeyp
             assert recover_dead_runs(instance).summary() == "no dead runs, no stale pool slots"
         manifest = tmp_path / "exports" / "userpilot_events" / "userpilot_datasync_10001_NX-demo0001" / PK / "_manifest.json"
         doc = json.loads(manifest.read_text())
-        assert sum(doc["event_types"].values()) == 400 and doc["run_id"] != run.run_id
+        assert sum(rows_by_event_type(doc).values()) == 400 and doc["run_id"] != run.run_id
     finally:
         holder.kill()
         if victim is not None and victim.poll() is None:
@@ -136,7 +137,8 @@ def test_staging_left_by_crashed_runs_is_removed_by_the_next_run(tmp_path):
             warnings = [e.user_message for e in instance.all_logs(result.run_id)
                         if "crashed run left behind" in e.user_message]
         left = sorted(p.name for p in staging.iterdir())
-        assert left == sorted([".locks", f".staging-{os.getpid()}-live", "2026-01-06", ".staging-legacynopid"])
+        assert left == sorted([".locks", ".uploads", f".staging-{os.getpid()}-live", "2026-01-06", ".staging-legacynopid"])
+        assert list((staging / ".uploads").iterdir()) == []  # the upload journal: no pending write left
         assert len(warnings) == 3 and all("1,000 bytes" in w for w in warnings)
     finally:
         holder.kill()

@@ -16,6 +16,7 @@ from userpilot_sync.cli import failure_messages
 from userpilot_sync.defs.keys import SyncJobKeys
 from userpilot_sync.defs.project import build_definitions
 from userpilot_sync.defs.resources import StagingResource
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.errors import DestinationError
 from userpilot_sync.locks import FileLockBackend
 from userpilot_sync.partitions import day_window, last_complete_days, utc_today
@@ -347,4 +348,4 @@ def test_a_failed_runs_late_cleanup_never_touches_the_next_run(tmp_path, monkeyp
         assert again.success, failure_messages(again)
         assert calls["n"] > 2  # the collector did run during the next run
         manifest = json.loads((_folder(job) / "_manifest.json").read_text())
-        assert manifest["run_id"] == again.run_id and sum(manifest["event_types"].values()) == 600
+        assert manifest["run_id"] == again.run_id and sum(rows_by_event_type(manifest).values()) == 600

@@ -29,6 +29,7 @@ def _modules(folder: str) -> list[Path]:
     ("source", ("userpilot_sync.destination", "dagster")),
     ("destination", ("userpilot_sync.source", "dagster")),
     ("schema", ("userpilot_sync.source", "userpilot_sync.destination", "dagster")),
+    ("notify", ("userpilot_sync.source", "userpilot_sync.destination", "userpilot_sync.defs", "dagster")),
 ])
 def test_core_packages_keep_to_themselves(folder, forbidden):
     offenders = {
@@ -37,6 +38,16 @@ def test_core_packages_keep_to_themselves(folder, forbidden):
         if any(name == f or name.startswith(f + ".") or name.startswith(f + "_") for f in forbidden)
     }
     assert not offenders
+
+
+def test_notify_imports_only_config_net_and_errors_of_the_package():
+    allowed = ("userpilot_sync.config", "userpilot_sync.net", "userpilot_sync.errors", "userpilot_sync.notify")
+    offenders = {
+        f"{path.relative_to(PACKAGE.parent)}: {name}"
+        for path in _modules("notify") for name in _imports(path)
+        if name.startswith("userpilot_sync") and not any(name == a or name.startswith(a + ".") for a in allowed)
+    }
+    assert _modules("notify") and not offenders
 
 
 def test_only_defs_and_the_cli_import_dagster():

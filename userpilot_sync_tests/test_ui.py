@@ -24,6 +24,7 @@ from typing import Any, Callable
 import httpx
 import pytest
 
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import last_complete_days, utc_today
 
 REPO = Path(__file__).resolve().parents[1]
@@ -308,12 +309,12 @@ def test_materialize_one_day(dagster_dev, window):
     assert doc["run_id"] == run_id and doc["partition"] == DAY
     assert len(doc["files"]) == 7
     assert set(doc["event_types"]) == set(EVENT_TYPES)
-    assert sum(doc["event_types"].values()) == EVENTS_PER_DAY
+    assert sum(rows_by_event_type(doc).values()) == EVENTS_PER_DAY
 
     mat = _materialization(dagster_dev, "track", DAY)
     assert mat["runId"] == run_id and mat["partition"] == DAY
     meta = mat["metadata"]
-    assert meta["dagster/row_count"] == doc["event_types"]["track"]
+    assert meta["dagster/row_count"] == rows_by_event_type(doc)["track"]
     assert str(meta["dagster/uri"]).endswith(f"/{DAY}/track.parquet"), meta["dagster/uri"]
     assert meta["bytes"] > 0
     files = meta["userpilot/files"]
@@ -392,14 +393,14 @@ def test_three_day_asset_backfill_is_one_ranged_run(dagster_dev, window):
 
     # each day has its own records: manifest, track row count, day_exported check
     manifests = {pk: _manifest(dagster_dev, pk) for pk in BACKFILL_DAYS}
-    range_track_rows = sum(m["event_types"]["track"] for m in manifests.values())
+    range_track_rows = sum(rows_by_event_type(m)["track"] for m in manifests.values())
     for pk, doc in manifests.items():
         assert doc["run_id"] == run_id and doc["partition"] == pk
         assert len(doc["files"]) == 7 and set(doc["event_types"]) == set(EVENT_TYPES)
         mat = _materialization(dagster_dev, "track", pk)
         assert mat["runId"] == run_id and mat["partition"] == pk
         meta = mat["metadata"]
-        assert meta["dagster/row_count"] == doc["event_types"]["track"], (pk, meta["dagster/row_count"], doc["event_types"])
+        assert meta["dagster/row_count"] == rows_by_event_type(doc)["track"], (pk, meta["dagster/row_count"], rows_by_event_type(doc))
         assert meta["dagster/row_count"] < range_track_rows
         assert str(meta["dagster/uri"]).endswith(f"/{pk}/track.parquet"), meta["dagster/uri"]
         assert [f["uri"] for f in meta["userpilot/files"]] == [meta["dagster/uri"]]
@@ -410,4 +411,4 @@ def test_three_day_asset_backfill_is_one_ranged_run(dagster_dev, window):
         e = executions[0]
         assert e["status"] == "SUCCEEDED" and e["partition"] == pk, e
         assert e["evaluation"]["success"] is True and e["evaluation"]["partition"] == pk
-        assert e["evaluation"]["metadata"]["rows"] == sum(doc["event_types"].values())
+        assert e["evaluation"]["metadata"]["rows"] == sum(rows_by_event_type(doc).values())

@@ -7,6 +7,8 @@ model's rules, the loader refuses what YAML would otherwise accept silently:
 * a file that is not UTF-8 text (named with the line and, where it can be found, the key);
 * a value YAML 1.1 reads as a boolean, null, number or date where text is expected
   (``name: off``, ``title: yes``, ``sync_id: no``) gets a hint to write it in quotes.
+  The one exception is the key ``on`` of a ``notifications`` entry (``on: [failed, late]``),
+  which is read as the text ``on``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,19 @@ def _key_text(node: yaml.Node) -> str | None:
     return node.value if isinstance(node, yaml.ScalarNode) else None
 
 
+def _is_on_key(path: tuple, key: yaml.Node) -> bool:
+    """The unquoted key ``on`` of a ``notifications`` entry (YAML 1.1 reads it as the boolean true).
+
+    ``on: [failed, late]`` is the documented spelling there, so it is read as the text ``on``
+    instead of being refused like other keys that YAML reads as booleans.
+    """
+    return (
+        len(path) == 2 and path[0] == "notifications" and isinstance(path[1], int)
+        and isinstance(key, yaml.ScalarNode) and key.style is None and key.value == "on"
+        and key.tag == "tag:yaml.org,2002:bool"
+    )
+
+
 def _walk(filename: str, node: yaml.Node, path: tuple, plain: dict[tuple, _Plain], seen: set[int]) -> None:
     """Check a composed YAML node tree: duplicate keys, keys that are not text; collect non-text scalars.
 
@@ -83,6 +98,8 @@ def _walk(filename: str, node: yaml.Node, path: tuple, plain: dict[tuple, _Plain
             if text is None:
                 continue
             line = key.start_mark.line + 1
+            if _is_on_key(path, key):
+                key.tag = "tag:yaml.org,2002:str"  # notifications[i].on: the key, not the boolean true
             if key.style is None and key.tag in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:null"):
                 raise ConfigError(
                     f"sync job file {filename}: key {_dotted(path + (text,))}: "
@@ -201,7 +218,12 @@ def _format_errors(path: Path, exc: PydanticValidationError, data: object = None
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union")))
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
-        if err["type"] != "value_error" and isinstance(value, (str, int, float, bool)):
+        last = str(err["loc"][-1]) if err["loc"] else ""
+        if err["type"] == "extra_forbidden" or last.endswith("_env"):
+            # an unknown key (secret: ..., webhook_url: ...) or a secret's variable name may hold a
+            # secret pasted by mistake: never repeat it
+            msg += " (the value is not repeated here)" if err["type"] != "value_error" else ""
+        elif err["type"] != "value_error" and isinstance(value, (str, int, float, bool)):
             msg += f" (got {value!r})"  # value_error messages already quote the value
         yaml_path = _data_path(data, tuple(err["loc"])) if plain else ()
         scalar = (plain or {}).get(yaml_path) if yaml_path else None

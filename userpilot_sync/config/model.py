@@ -397,6 +397,212 @@ class FormatSpec(_Model):
         return f"{self.format}/{self.compression}"
 
 
+# ---------------------------------------------------------------------------------- checks
+class VolumeCheck(_Model):
+    """Rows per event type of a day against the median of the last ``baseline_days`` exported days.
+
+    A day is outside the expected volume when its rows are below ``min_ratio`` or above
+    ``max_ratio`` times that median (both inclusive bounds are fine).
+    """
+
+    baseline_days: int = Field(14, ge=1, le=MAX_WINDOW_DAYS)
+    min_ratio: float = Field(0.5, ge=0)
+    max_ratio: float = Field(3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "VolumeCheck":
+        if self.min_ratio >= self.max_ratio:
+            raise _key_error(
+                ("min_ratio",),
+                f"min_ratio ({self.min_ratio:g}) must be less than max_ratio ({self.max_ratio:g})",
+                self.min_ratio,
+            )
+        return self
+
+
+class ChecksSettings(_Model):
+    """The checks every exported day gets (see docs/configuration.md, ``checks``)."""
+
+    volume: VolumeCheck = Field(default_factory=VolumeCheck)
+    #: A day with 0 rows after days with rows: ``error`` (the check fails at ERROR), ``warn``
+    #: (the check fails at WARN), ``expected`` (an empty day is normal for this app).
+    empty_days: Literal["error", "warn", "expected"] = "error"
+    #: Share of rows (0..1) a re-export may lose per event type before it is refused.
+    max_shrink: float = Field(0.5, ge=0, le=1)
+    #: Each day must be exported by 03:00 UTC of the next day (weekly jobs: their Monday 03:00
+    #: UTC tick) plus this many hours; later is ``late``.
+    deadline_hours: float = Field(6, gt=0, le=72)
+
+
+# ---------------------------------------------------------------------------------- notifications
+#: The events a notification entry can subscribe to (``on``), in documented order.
+NOTIFY_EVENTS = ("failed", "late", "check_failed", "exported")
+_SECRET_ENV = re.compile(r"[A-Z_][A-Z0-9_]*")
+_SNS_TOPIC_ARN = re.compile(r"arn:(aws[a-z-]*):sns:([a-z]{2}(?:-[a-z]+)+-\d+):(\d{12}):([A-Za-z0-9_-]{1,256}(?:\.fifo)?)")
+_AWS_REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
+
+
+def _secret_env_name(v: str) -> str:
+    """Check the NAME of an environment variable holding a notification secret.
+
+    Stricter than :func:`_env_var_name`: upper-case letters, digits and ``_`` only, so that a
+    pasted secret (a Slack webhook URL, a random token with lower-case letters) is refused. The
+    value is never repeated in the message.
+    """
+    if not _SECRET_ENV.fullmatch(v):
+        hint = " (this looks like a URL: a webhook URL is a secret, put it in a variable)" if "://" in v else ""
+        raise ValueError(
+            "is not an environment variable name (upper-case letters, digits, '_', e.g. UP_WEBHOOK_SECRET); give "
+            f"the NAME of the variable that holds the secret, never the secret itself{hint} (the value is not "
+            "repeated here)"
+        )
+    return v
+
+
+def _notification_url(v: str, what: str) -> str:
+    """An https:// URL (plain http only on loopback), without credentials, query or fragment."""
+    v = v.strip()
+    parts = urlsplit(v)
+    if parts.username or parts.password or "@" in parts.netloc:
+        raise ValueError(f"{what} must not contain credentials (user:password@); the value is not repeated here")
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"{what} is not an http(s) URL, e.g. https://hooks.example.com/userpilot")
+    return require_https(v, what)
+
+
+class _Notification(_Model):
+    """What every notification entry has: the events it is sent for (``on``)."""
+
+    on: tuple[str, ...]
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _on_list(cls, v: object) -> object:
+        return (v,) if isinstance(v, str) else v  # "on: failed" is one event
+
+    @field_validator("on")
+    @classmethod
+    def _on(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"at least one event is needed; valid events: {', '.join(NOTIFY_EVENTS)}")
+        unknown = [e for e in v if e not in NOTIFY_EVENTS]
+        if unknown:
+            raise ValueError(f"unknown event(s) {unknown}; valid events: {', '.join(NOTIFY_EVENTS)}")
+        return tuple(e for e in NOTIFY_EVENTS if e in set(v))  # documented order, no repeats
+
+    @property
+    def target(self) -> str:
+        """What identifies the receiver (no secret): the URL, the env var name or the topic ARN."""
+        raise NotImplementedError
+
+
+class _WithUi(_Notification):
+    #: The Dagster UI's base URL: notices carry ``<ui_url>/runs/<run_id>`` as ``run_url``.
+    ui_url: str | None = None
+
+    @field_validator("ui_url")
+    @classmethod
+    def _ui_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v.strip())
+        if parts.query or parts.fragment:
+            raise ValueError("ui_url takes no query or fragment, e.g. https://dagster.example.com")
+        return _notification_url(v, "ui_url").rstrip("/")
+
+
+class WebhookNotification(_WithUi):
+    """A JSON POST to ``url``, signed with HMAC-SHA256 under the secret in env var ``secret_env``."""
+
+    kind: Literal["webhook"] = "webhook"
+    url: str
+    secret_env: str
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _notification_url(v, "webhook url")
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret(cls, v: str) -> str:
+        return _secret_env_name(v)
+
+    @property
+    def target(self) -> str:
+        return self.url
+
+
+class SlackNotification(_WithUi):
+    """A Slack incoming webhook; its URL is a secret, read from env var ``url_env`` when sending."""
+
+    kind: Literal["slack"] = "slack"
+    url_env: str
+
+    @field_validator("url_env")
+    @classmethod
+    def _secret(cls, v: str) -> str:
+        return _secret_env_name(v)
+
+    @property
+    def target(self) -> str:
+        return self.url_env
+
+
+class SnsNotification(_Notification):
+    """An Amazon SNS topic (credentials from the standard AWS chain); ``region`` defaults to the ARN's."""
+
+    kind: Literal["sns"] = "sns"
+    topic_arn: str
+    region: str | None = None
+    #: SNS-compatible endpoint (tests, VPC endpoints); https:// unless loopback.
+    endpoint_url: str | None = None
+
+    @field_validator("topic_arn")
+    @classmethod
+    def _arn(cls, v: str) -> str:
+        if not _SNS_TOPIC_ARN.fullmatch(v):
+            raise ValueError(
+                f"{v!r} is not an SNS topic ARN, e.g. arn:aws:sns:us-east-1:123456789012:up-sync"
+            )
+        return v
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str | None) -> str | None:
+        if v is not None and not _AWS_REGION.fullmatch(v):
+            raise ValueError(f"{v!r} is not an AWS region, e.g. us-east-1")
+        return v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        return _https_or_loopback(v)
+
+    @model_validator(mode="after")
+    def _same_region(self) -> "SnsNotification":
+        arn_region = _SNS_TOPIC_ARN.fullmatch(self.topic_arn).group(2)
+        if self.region is None:
+            object.__setattr__(self, "region", arn_region)
+        elif self.region != arn_region:
+            raise _key_error(
+                ("region",),
+                f"region {self.region!r} differs from the topic's region {arn_region!r} (in topic_arn); "
+                "SNS publishes to a topic in its own region: remove region or make them equal",
+                self.region,
+            )
+        return self
+
+    @property
+    def target(self) -> str:
+        return self.topic_arn
+
+
+Notification = Annotated[
+    Union[WebhookNotification, SlackNotification, SnsNotification], Field(discriminator="kind")
+]
+
+
 class SyncJob(_Model):
     """One configured export: a Userpilot environment to one destination location."""
 
@@ -426,6 +632,10 @@ class SyncJob(_Model):
     #: Schedules start running when the code location loads (the demo ships with False).
     schedules_running: bool = True
     owners: tuple[str, ...] = ()
+    #: Checks of every exported day (volume, empty days, shrinking re-exports, deadline).
+    checks: ChecksSettings = Field(default_factory=ChecksSettings)
+    #: Where failures, late days, failed checks and exports are announced (webhook, Slack, SNS).
+    notifications: tuple[Notification, ...] = ()
     #: Where this job was read from (set by the loader, for error messages).
     source_file: str | None = Field(None, exclude=True)
 
@@ -473,6 +683,20 @@ class SyncJob(_Model):
         dupes = sorted({f for f in seen if seen.count(f) > 1})
         if dupes:
             raise ValueError(f"format(s) {dupes} listed twice; each format is written once per export")
+        return v
+
+    @field_validator("notifications")
+    @classmethod
+    def _notifications(cls, v: tuple) -> tuple:
+        seen: dict[tuple[str, str], int] = {}
+        for i, entry in enumerate(v):
+            key = (entry.kind, entry.target)
+            if key in seen:
+                raise ValueError(
+                    f"entries {seen[key]} and {i} both send {entry.kind} notifications to the same "
+                    f"{'topic' if entry.kind == 'sns' else 'receiver'}; list it once with all its events in 'on'"
+                )
+            seen[key] = i
         return v
 
     @model_validator(mode="after")

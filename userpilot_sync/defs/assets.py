@@ -15,8 +15,9 @@ holds the whole day. The step, for its day or backfill range:
    export step and no two runs can wait on each other;
 3. extracts the range once and stages it per day; prepares (filters, de-duplicates, orders,
    validates) every event type of every day before anything uploads;
-4. yields ``raw_events`` (records only), each export (the :class:`ExportIOManager` writes it) and
-   the manifests (the :class:`ManifestIOManager` publishes them last), each day with its own
+4. yields ``raw_events`` (records only), each export (the :class:`ExportIOManager` writes it; on a
+   re-export of a day it first overwrites the day's manifest with ``status: replacing``) and the
+   complete manifests (the :class:`ManifestIOManager` publishes them last), each day with its own
    metadata; then one check evaluation per check and day;
 5. fails with a one-line cause per day (``dg.Failure``) when a day could not be exported; the other
    days of a range keep their exports and manifests.
@@ -32,8 +33,8 @@ import dagster as dg
 
 from userpilot_sync.defs import checks
 from userpilot_sync.defs.failures import failure, tag_run
-from userpilot_sync.defs.io_managers import ExportBatch, LookupTables, ManifestBatch
-from userpilot_sync.defs.keys import FAILURE_TAG, STAGING_RESOURCE_KEY, SyncJobKeys
+from userpilot_sync.defs.io_managers import ExportBatch, LookupTables, ManifestBatch, ReplacingManifests
+from userpilot_sync.defs.keys import CHECK_DAY_EXPORTED, FAILURE_TAG, STAGING_RESOURCE_KEY, SyncJobKeys
 from userpilot_sync.defs.ledger import (
     ROWS_RECEIVED_KEY,
     STATUS_EXPORTED,
@@ -42,12 +43,30 @@ from userpilot_sync.defs.ledger import (
     Ledger,
     record_metadata,
 )
+from userpilot_sync.defs.notifications import check_problems, notify_run_days
 from userpilot_sync.defs.recovery import worker_tags
 from userpilot_sync.defs.resources import SourceResource, StagingResource
-from userpilot_sync.errors import DestinationError, UserpilotSyncError, ValidationError, WindowError
-from userpilot_sync.partitions import check_in_window, consecutive_days, parse_partition
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.destination.superseded import superseded_paths
-from userpilot_sync.pipeline import day_source_facts, extract_and_stage, manifest_for, prepare_day
+from userpilot_sync.errors import DestinationError, UserpilotSyncError, ValidationError, WindowError
+from userpilot_sync.faults import pause_point
+from userpilot_sync.guards import (
+    ALLOW_SHRINK_TAG,
+    allows_shrink,
+    check_accounting,
+    settings_changes,
+    shrink_error,
+    shrink_violations,
+)
+from userpilot_sync.partitions import check_in_window, consecutive_days, parse_partition
+from userpilot_sync.pipeline import (
+    day_counts,
+    day_source_facts,
+    extract_and_stage,
+    manifest_for,
+    prepare_day,
+    replacing_manifest_for,
+)
 
 SOURCE_LABELS = {"demo": "the demo generator", "files": "local export files", "export_api": "the Bulk Data Export API"}
 
@@ -162,6 +181,7 @@ def _export_days(context: dg.AssetExecutionContext, keys: SyncJobKeys) -> Iterat
         yield from _export_days_unguarded(context, keys)
     except dg.Failure as exc:
         tag_run(context.instance, context.run_id, exc)
+        _notify_run_failure(context, keys, exc)
         raise
     except Exception as exc:
         if isinstance(exc, dg.DagsterError):
@@ -169,7 +189,20 @@ def _export_days(context: dg.AssetExecutionContext, keys: SyncJobKeys) -> Iterat
         # an error nobody foresaw (a library, the disk): still the job, the days and the cause first
         wrapped = failure(keys.name, _label(list(context.partition_keys)), f"{type(exc).__name__}: {exc}")
         tag_run(context.instance, context.run_id, wrapped)
+        _notify_run_failure(context, keys, wrapped)
         raise wrapped from exc
+
+
+def _notify_run_failure(context: dg.AssetExecutionContext, keys: SyncJobKeys, exc: dg.Failure) -> None:
+    """``failed`` for the days of a run that failed as a whole (days already notified are deduped)."""
+    if not keys.job.notifications or getattr(exc, "days_notified", False):
+        return
+    reason = (exc.description or str(exc)).strip()
+    try:
+        notify_run_days(context.instance, keys, context.run_id, exported={},
+                        failed={pk: reason for pk in context.partition_keys}, problems={}, log=context.log.warning)
+    except Exception as error:  # a notification must never hide the run's own failure
+        context.log.warning(f"sync job {keys.name!r}: could not send failure notifications: {error}")
 
 
 def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys) -> Iterator:
@@ -202,13 +235,33 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
     job = keys.job
     days = plan.days
     staged = extract_and_stage(job, [parse_partition(pk) for pk in days], staging.path, source=source.event_source())
+    pause_point("staged")
     prepared: dict[str, dict] = {}
     failed: dict[str, str] = {}
     for pk in days:
         try:
             prepared[pk] = prepare_day(job, staged[pk])
+            check_accounting(day_counts(staged[pk], prepared[pk]))
         except ValidationError as exc:
+            prepared.pop(pk, None)
             failed[pk] = str(exc)
+    # guard: a re-export may not shrink a day's export beyond checks.max_shrink unless the run allows it
+    previous = ledger.previous_manifests(list(prepared))
+    shrink_allowed = allows_shrink(context.run.tags)
+    for pk in list(prepared):
+        if pk not in previous:
+            continue
+        new_rows = {et: p.rows for et, p in prepared[pk].items()}
+        shrinks = shrink_violations(rows_by_event_type(previous[pk]), new_rows, job.checks.max_shrink)
+        if not shrinks:
+            continue
+        error = shrink_error(job.name, pk, shrinks, job.checks.max_shrink,
+                             settings_changes(previous[pk].get("settings"), job.settings_summary()))
+        if shrink_allowed:
+            context.log.warning(f"{error} — allowed by the run tag {ALLOW_SHRINK_TAG}")
+            continue
+        del prepared[pk]
+        failed[pk] = str(error)
     not_exported = {**{pk: (STATUS_REFUSED, r) for pk, r in plan.refused.items()},
                     **{pk: (STATUS_FAILED, r) for pk, r in failed.items()}}
     if not prepared:  # nothing of the run can be written
@@ -216,6 +269,8 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
             yield checks.day_exported(keys, pk, None, failed[pk])
         for pk in sorted(plan.refused):
             yield checks.day_refused(keys, pk, plan.refused[pk])
+        notify_run_days(context.instance, keys, context.run_id, exported={},
+                        failed={pk: r for pk, (_, r) in not_exported.items()}, problems={}, log=context.log.warning)
         raise _summary_failure(job.name, list(context.partition_keys), not_exported, exported=[])
 
     # raw events: one record per day
@@ -243,10 +298,19 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
         previous_rows = day.rows_received if pk in prepared else None
     yield dg.Output(None, output_name="raw_events")
 
+    # re-exported days: a 'replacing' manifest goes out before the first file of the day is replaced
+    earlier = ledger.earlier_paths_by_day(list(prepared))
+    started = ledger.days_started_before(list(prepared), run_id=context.run_id)
+    replacing = ReplacingManifests({pk: replacing_manifest_for(job, pk, context.run_id, earlier[pk])
+                                    for pk in prepared if earlier[pk] or pk in started})
+    if job.destination.kind == "gcs":
+        for pk in replacing.manifests:
+            replacing.generations.update(ledger.generations(keys.manifest, pk))
+
     # exports: the ExportIOManager writes each day's files (every event type validated above)
     files: dict[str, list] = {pk: [] for pk in prepared}
     for et in job.event_types:
-        batch = ExportBatch(et, {pk: prepared[pk][et] for pk in prepared}, not_exported)
+        batch = ExportBatch(et, {pk: prepared[pk][et] for pk in prepared}, not_exported, replacing=replacing)
         yield dg.Output(batch, output_name=et)
         for pk, written in batch.written.items():
             files[pk].extend(written)
@@ -254,35 +318,66 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
     # manifests, published last by the ManifestIOManager
     allow_deletes = bool(getattr(job.destination, "allow_deletes", False))
     manifests = {}
-    earlier = ledger.earlier_paths_by_day(list(prepared))
     for pk in prepared:
         superseded = superseded_paths(earlier[pk], files[pk])
         manifests[pk] = manifest_for(job, staged[pk], prepared[pk].values(), files[pk], context.run_id,
                                      superseded=superseded, deleted=superseded if allow_deletes else [])
-    yield dg.Output(ManifestBatch(manifests, not_exported), output_name="manifest")
+    yield dg.Output(ManifestBatch(manifests, not_exported, replacing=replacing), output_name="manifest")
 
     # checks: one evaluation per check and day
-    yield from empty_checks
+    evaluations = list(empty_checks)
     for et in job.event_types:
+        baselines = _baselines(ledger, job, et, list(context.partition_keys),
+                               {pk: prepared[pk][et].rows for pk in prepared})
         for pk in prepared:
-            yield checks.known_values(keys, et, pk, prepared[pk][et])
+            evaluations.append(checks.known_values(keys, et, pk, prepared[pk][et]))
+            evaluations.append(checks.expected_volume(keys, et, pk, prepared[pk][et], baselines[pk]))
     for pk in context.partition_keys:
         if pk in manifests:
-            yield checks.day_exported(keys, pk, manifests[pk])
+            evaluations.append(checks.day_exported(keys, pk, manifests[pk]))
         elif pk in failed:
-            yield checks.day_exported(keys, pk, None, failed[pk])
+            evaluations.append(checks.day_exported(keys, pk, None, failed[pk]))
         else:
-            yield checks.day_refused(keys, pk, plan.refused[pk])
+            evaluations.append(checks.day_refused(keys, pk, plan.refused[pk]))
+    yield from evaluations
     for name in context.assets_def.check_specs_by_output_name:
         yield dg.Output(None, output_name=name)
     for pk, (status, reason) in sorted(not_exported.items()):
         (context.log.warning if status == STATUS_REFUSED else context.log.error)(reason)
+    day_checks = [e for e in evaluations if e.check_name != CHECK_DAY_EXPORTED]  # day_exported: the 'failed' notice
+    notify_run_days(context.instance, keys, context.run_id, exported=manifests,
+                    failed={pk: r for pk, (_, r) in not_exported.items()}, problems=check_problems(day_checks),
+                    log=context.log.warning)
     if failed:
         raise _summary_failure(job.name, list(context.partition_keys), not_exported, exported=sorted(manifests))
 
 
+def _baselines(ledger: Ledger, job, event_type: str, partitions: list[str], in_run: dict[str, int]) -> dict[str, list[int]]:
+    """Per day of ``partitions``: rows of ``event_type`` on the last ``checks.volume.baseline_days``
+    exported days before it (newest first; looked up over twice as many calendar days; days of
+    this run count with their new rows, failed days never)."""
+    n = job.checks.volume.baseline_days
+    first = parse_partition(min(partitions))
+    lookback = [(first - timedelta(days=i)).isoformat() for i in range(2 * n, 0, -1)]
+    known = ledger.exported_rows(event_type, lookback)
+    known.update(in_run)  # days of this run that failed or were refused do not count
+    out = {}
+    for pk in partitions:
+        before = sorted((d for d in known if d < pk), reverse=True)
+        out[pk] = [known[d] for d in before if d >= (parse_partition(pk) - timedelta(days=2 * n)).isoformat()][:n]
+    return out
+
+
 def _summary_failure(job_name: str, partitions: list[str], not_exported: dict[str, tuple[str, str]],
                      exported: list[str]) -> dg.Failure:
+    """The step's failure after its days were recorded (and notified) one by one."""
+    exc = _summary_failure_of(job_name, partitions, not_exported, exported)
+    exc.days_notified = True  # each day's 'failed' notice went out already
+    return exc
+
+
+def _summary_failure_of(job_name: str, partitions: list[str], not_exported: dict[str, tuple[str, str]],
+                        exported: list[str]) -> dg.Failure:
     failed = {pk: r for pk, (s, r) in not_exported.items() if s == STATUS_FAILED}
     if len(partitions) == 1 or (len(failed) == 1 and not exported):
         pk, reason = next(iter(failed.items())) if failed else next((k, r) for k, (s, r) in not_exported.items())

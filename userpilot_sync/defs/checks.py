@@ -9,20 +9,29 @@ another day never replaces it. Each carries numeric metadata the UI can plot.
   while the day before had some (``rows_received``, ``previous_day_rows``).
 * ``<job>/<event_type>`` ``known_values`` (WARN): source values and interaction statuses outside
   the documented sets (open sets: reported, not rejected; counts and samples).
+* ``<job>/<event_type>`` ``expected_volume`` (ERROR or WARN per evaluation): ERROR when the sync
+  job's filters removed every event of the type the source delivered (naming the filters), or when
+  the type is empty after exported days that were not (``checks.empty_days``: ``error`` | ``warn`` |
+  ``expected``); WARN when its rows fall outside ``checks.volume`` ``min_ratio`` .. ``max_ratio`` of
+  the median of the last ``baseline_days`` exported days (failed days never count).
 * ``<job>/manifest`` ``day_exported`` (ERROR): the day got its complete manifest (``rows``,
   ``files``), or why not; a day of a range refused for the window is a WARN saying so.
 """
 
 from __future__ import annotations
 
+import statistics
+
 import dagster as dg
 
 from userpilot_sync.defs.keys import (
     CHECK_DAY_EXPORTED,
+    CHECK_EXPECTED_VOLUME,
     CHECK_KNOWN_VALUES,
     CHECK_NOT_UNEXPECTEDLY_EMPTY,
     SyncJobKeys,
 )
+from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.export import PreparedExport
 
 
@@ -43,7 +52,50 @@ def check_specs(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition) -> l
             CHECK_KNOWN_VALUES, asset=key, partitions_def=partitions_def,
             description="Warns about source values or interaction statuses outside the documented sets.",
         ))
+        specs.append(dg.AssetCheckSpec(
+            CHECK_EXPECTED_VOLUME, asset=key, partitions_def=partitions_def,
+            description="Fails when filters removed every event of the type, or the type is empty after non-empty "
+                        "days; warns when its rows fall outside the sync job's checks.volume ratios of the "
+                        "median of recent exported days.",
+        ))
     return specs
+
+
+def expected_volume(keys: SyncJobKeys, event_type: str, partition: str, prepared: PreparedExport,
+                    baseline: list[int]) -> dg.AssetCheckEvaluation:
+    """The day's exported rows of ``event_type`` judged against ``baseline`` (rows of the last
+    exported days, newest first, at most ``checks.volume.baseline_days``) and the sync job's
+    ``checks`` settings (see the module docstring)."""
+    job = keys.job
+    settings = job.checks
+    rows, received = prepared.rows, prepared.rows_staged
+    median = statistics.median(baseline) if baseline else None
+    where = f"sync job {job.name!r}, partition {partition}, event type {event_type!r}"
+    severity, problem = dg.AssetCheckSeverity.WARN, None
+    if rows == 0 and received and prepared.filtered_out and prepared.filtered_out + prepared.duplicates_dropped == received:
+        active = sorted(k for k, v in job.filters.model_dump().items() if v and k != "event_types")
+        severity = dg.AssetCheckSeverity.ERROR
+        problem = (f"{where}: the sync job's filters ({', '.join(active) or 'filters'}) removed all {prepared.filtered_out:,} "
+                   f"events the source delivered; check them for a typo in {job.source_file or 'the sync job file'}")
+    elif rows == 0 and median:
+        if settings.empty_days != "expected":
+            severity = dg.AssetCheckSeverity.ERROR if settings.empty_days == "error" else dg.AssetCheckSeverity.WARN
+            problem = (f"{where}: no rows, while the last {len(baseline)} exported days had a median of {median:,.0f}; "
+                       f"check the source before trusting this empty day (set checks.empty_days: expected if empty "
+                       f"days are normal)")
+    elif median and rows:
+        ratio = rows / median
+        if ratio < settings.volume.min_ratio or ratio > settings.volume.max_ratio:
+            problem = (f"{where}: {rows:,} rows is {ratio:.0%} of the median of the last {len(baseline)} exported days "
+                       f"({median:,.0f}); expected {settings.volume.min_ratio:.0%}..{settings.volume.max_ratio:.0%}")
+    return dg.AssetCheckEvaluation(
+        asset_key=keys.export(event_type), check_name=CHECK_EXPECTED_VOLUME, partition=partition,
+        passed=problem is None, severity=severity, description=problem,
+        metadata={"rows": rows, "rows_received": received, "filtered_out": prepared.filtered_out,
+                  "baseline_median": float(median) if median is not None else -1.0,
+                  "baseline_days": len(baseline),
+                  "ratio": float(rows / median) if median else -1.0},
+    )
 
 
 def not_unexpectedly_empty(keys: SyncJobKeys, partition: str, rows_received: int,
@@ -91,7 +143,7 @@ def day_exported(keys: SyncJobKeys, partition: str, manifest: dict | None, reaso
     return dg.AssetCheckEvaluation(
         asset_key=keys.manifest, check_name=CHECK_DAY_EXPORTED, partition=partition, passed=True,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"rows": sum(manifest["event_types"].values()), "files": len(manifest["files"])},
+        metadata={"rows": sum(rows_by_event_type(manifest).values()), "files": len(manifest["files"])},
     )
 
 

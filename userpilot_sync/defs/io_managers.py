@@ -32,14 +32,32 @@ from userpilot_sync.defs.ledger import (
     record_metadata,
 )
 from userpilot_sync.defs.resources import DestinationResource
+from userpilot_sync.destination.journal import UploadJournal, clean_leftover_uploads
 from userpilot_sync.destination.layout import layout_for
-from userpilot_sync.destination.manifest import FileRecord
+from userpilot_sync.destination.manifest import FileRecord, rows_by_event_type
 from userpilot_sync.destination.storage import Storage
 from userpilot_sync.destination.superseded import delete_superseded
 from userpilot_sync.destination.writer import write_export, write_manifest
 from userpilot_sync.errors import UserpilotSyncError
 from userpilot_sync.export import PreparedExport
+from userpilot_sync.faults import pause_point
 from userpilot_sync.schema.events import export_columns
+
+
+@dataclass
+class ReplacingManifests:
+    """The ``replacing`` manifests of the days a step re-exports (``destination/manifest.py``).
+
+    Shared by every export output and the manifest output of one step: the first
+    :class:`ExportIOManager` that writes a day writes its ``replacing`` manifest first
+    (``announced`` records the day), so no file of the day is replaced while its old complete
+    manifest still stands. ``generations`` carries the manifest objects' GCS generations (loaded
+    from the ledger, updated by each write) to the manifest output.
+    """
+
+    manifests: dict[str, dict]
+    generations: dict[str, int] = field(default_factory=dict)
+    announced: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -48,17 +66,20 @@ class ExportBatch:
 
     ``not_exported`` maps days of the output that get no files to ``(status, reason)``;
     the IO manager fills ``written`` (day -> file records) as each day's upload completes.
+    ``replacing``: the step's re-exported days (written before a day's first file).
     """
 
     event_type: str
     exports: dict[str, PreparedExport]
     not_exported: dict[str, tuple[str, str]] = field(default_factory=dict)
     written: dict[str, list[FileRecord]] = field(default_factory=dict)
+    replacing: ReplacingManifests | None = None
 
 
 @dataclass
 class ManifestBatch:
-    """Manifests to publish, by day; ``not_exported`` as in :class:`ExportBatch`.
+    """Complete manifests to publish, by day; ``not_exported`` and ``replacing`` as in
+    :class:`ExportBatch`.
 
     The IO manager fills ``published`` (day -> the manifest's URI).
     """
@@ -66,6 +87,7 @@ class ManifestBatch:
     manifests: dict[str, dict]
     not_exported: dict[str, tuple[str, str]] = field(default_factory=dict)
     published: dict[str, str] = field(default_factory=dict)
+    replacing: ReplacingManifests | None = None
 
 
 @dataclass(frozen=True)
@@ -112,10 +134,19 @@ class _DestinationIOManager(dg.ConfigurableIOManager):
             recorded = {pk: ledger.generations(context.asset_key, pk) for pk in days}
         merged = {k: v for gens in recorded.values() for k, v in gens.items()}
         try:
-            return self.destination.storage(generations=merged), recorded
+            return self._storage(context, generations=merged), recorded
         except UserpilotSyncError as exc:
             label = days[0] if len(days) == 1 else f"{days[0]}..{days[-1]}" if days else None
             raise self._fail(context, label, str(exc)) from None
+
+    def _storage(self, context: dg.OutputContext, generations: dict[str, int] | None = None) -> Storage:
+        """The destination's storage, its pending writes journaled under the staging root, after
+        cleaning what killed writers of this sync job left (``destination/journal.py``; logged)."""
+        journal = UploadJournal.for_sync_job(self.work_dir, self.job.name)
+        storage = self.destination.storage(generations=generations, journal=journal)
+        clean_leftover_uploads(journal, storage,
+                               log=lambda line: context.log.warning(f"sync job {self.job.name!r}: {line}"))
+        return storage
 
     @staticmethod
     def _generations(storage: Storage, recorded: dict[str, int], keys: list[str]) -> dict[str, int] | None:
@@ -163,6 +194,26 @@ class ExportIOManager(_DestinationIOManager):
     an observation (ledger) and raises DestinationError.
     """
 
+    def _announce(self, context: dg.OutputContext, replacing: ReplacingManifests | None, pk: str,
+                  storage: Storage) -> None:
+        """Write day ``pk``'s ``replacing`` manifest once per step, before its first file."""
+        if replacing is None or pk not in replacing.manifests or pk in replacing.announced:
+            return
+        key = layout_for(self.job).key(layout_for(self.job).manifest_path(pk))
+        generations = getattr(storage, "generations", None)
+        if generations is not None and key in replacing.generations:
+            generations[key] = replacing.generations[key]
+        write_manifest(replacing.manifests[pk], self.job, storage)
+        replacing.announced.add(pk)
+        written = getattr(storage, "written", None)
+        if written is not None and key in written:  # GCS: the next write of the manifest must match
+            replacing.generations[key] = written[key]
+            self._ledger(context).record_partial_write(
+                SyncJobKeys(self.job).manifest, pk, [], {key: written[key]},
+                reason=f"replacing manifest written by run {context.run_id}")
+        context.log.info(f"sync job {self.job.name!r}, partition {pk}: manifest set to 'replacing' before the "
+                         f"day's files are replaced")
+
     def handle_output(self, context: dg.OutputContext, batch: ExportBatch) -> None:
         storage, recorded = self._storage_for(context, sorted(batch.exports))
         layout = layout_for(self.job)
@@ -172,6 +223,7 @@ class ExportIOManager(_DestinationIOManager):
             work = Path(self.work_dir) / self.job.name / pk / "write" / prepared.event_type
             uploaded: list[FileRecord] = []
             try:
+                self._announce(context, batch.replacing, pk, storage)
                 written = write_export(prepared, self.job, storage, work, uploaded=uploaded)
             except Exception as exc:
                 keys = [k for k in getattr(storage, "written", {}) if pk in k]
@@ -224,6 +276,8 @@ class ManifestIOManager(_DestinationIOManager):
 
     def handle_output(self, context: dg.OutputContext, batch: ManifestBatch) -> None:
         storage, recorded = self._storage_for(context, sorted(batch.manifests))
+        if batch.replacing is not None and getattr(storage, "generations", None) is not None:
+            storage.generations.update(batch.replacing.generations)  # written by this step's replacing manifests
         layout = layout_for(self.job)
         allow_deletes = bool(getattr(self.job.destination, "allow_deletes", False))
         done: dict[str, tuple[str, list[str]]] = {}  # day -> (manifest key, paths deleted)
@@ -247,6 +301,7 @@ class ManifestIOManager(_DestinationIOManager):
             key = None
             deleted_now: list[str] = []
             try:
+                pause_point("before_manifest")
                 key = write_manifest(manifest, self.job, storage)
                 deleted = delete_superseded(storage, layout, manifest["deleted"], allow_deletes=allow_deletes,
                                             deleted=deleted_now)
@@ -266,7 +321,8 @@ class ManifestIOManager(_DestinationIOManager):
             )
             metadata.update({
                 "dagster/uri": storage.uri(key),
-                "dagster/row_count": sum(manifest["event_types"].values()),
+                "dagster/row_count": sum(rows_by_event_type(manifest).values()),
+                "manifest_status": manifest["status"],
                 "files": len(files),
                 "bytes": sum(f["bytes"] for f in files),
                 "rows_received": manifest["source"].get("source_rows", 0),
@@ -292,7 +348,7 @@ class LookupsIOManager(_DestinationIOManager):
         work = Path(self.work_dir) / self.job.name
         work.mkdir(parents=True, exist_ok=True)
         try:
-            storage = self.destination.storage()
+            storage = self._storage(context)
             written = write_lookups(self.job, storage, lookups.tables, work_dir=work)
         except UserpilotSyncError as exc:
             raise self._fail(context, None, f"lookups: {exc}") from None

@@ -25,6 +25,7 @@ STAGING_RESOURCE_KEY = "userpilot_staging"
 CHECK_NOT_UNEXPECTEDLY_EMPTY = "not_unexpectedly_empty"
 CHECK_KNOWN_VALUES = "known_values"
 CHECK_DAY_EXPORTED = "day_exported"
+CHECK_EXPECTED_VOLUME = "expected_volume"
 
 
 @dataclass(frozen=True)

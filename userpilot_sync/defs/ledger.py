@@ -187,6 +187,62 @@ class Ledger:
             paths[pk] -= set(_of_day(event, DELETED_KEY, pk, V1_DELETED_KEY) or [])
         return paths
 
+    def days_started_before(self, partitions: list[str], *, run_id: str) -> set[str]:
+        """Days of ``partitions`` that a run other than ``run_id`` began to write.
+
+        A run records a day's ``raw_events`` (status exported) before it writes any file of the day,
+        so this also finds days whose writer was killed before the instance heard of any file (its
+        files, or even its complete manifest, may be in the destination). One paged query.
+        """
+        started: set[str] = set()
+        for record in self._records(self.keys.raw_events, list(partitions)):
+            pk = record.partition_key
+            if record.run_id == run_id or pk in started:
+                continue
+            event = record.asset_materialization
+            if _is_v1(event) or _value(event, STATUS_KEY) == STATUS_EXPORTED:
+                started.add(pk)
+        return started
+
+    def exported_rows(self, event_type: str, partitions: list[str]) -> dict[str, int]:
+        """Rows of ``event_type`` exported by the newest successful export of each of ``partitions``
+        (days never exported, or whose newest record failed, are absent). One paged query."""
+        rows: dict[str, int] = {}
+        seen: set[str] = set()
+        for record in self._records(self.keys.export(event_type), list(partitions)):
+            pk = record.partition_key
+            if pk in seen:
+                continue
+            seen.add(pk)
+            event = record.asset_materialization
+            if _is_v1(event):
+                value = _of_day(event, "rows", pk)  # a v1 range record: {day: rows}
+                if value is None and not isinstance(_value(event, "rows"), dict):
+                    value = _value(event, "dagster/row_count")  # a v1 one-day record
+                if value is not None:
+                    rows[pk] = int(value)
+            elif _value(event, STATUS_KEY) == STATUS_EXPORTED:
+                rows[pk] = int(_value(event, "dagster/row_count") or 0)
+        return rows
+
+    def previous_manifests(self, partitions: list[str]) -> dict[str, dict]:
+        """The newest complete manifest recorded for each of ``partitions`` that has one
+        (``{day: manifest}``; version-1 records included). One paged query on the manifest asset."""
+        found: dict[str, dict] = {}
+        for record in self._records(self.keys.manifest, list(partitions)):
+            pk = record.partition_key
+            if pk in found:
+                continue
+            event = record.asset_materialization
+            if not _is_v1(event) and _value(event, STATUS_KEY) != STATUS_EXPORTED:
+                continue
+            manifest = _value(event, "manifest")
+            if _is_v1(event) and isinstance(manifest, dict) and isinstance(manifest.get(pk), dict):
+                manifest = manifest[pk]  # a v1 range record: {day: manifest}
+            if isinstance(manifest, dict) and manifest.get("status") != "replacing":
+                found[pk] = manifest
+        return found
+
     def exported_before(self, partition: str, *, run_id: str) -> bool:
         """True when a run other than ``run_id`` wrote files of ``partition`` (GCS overwrite: refuse)."""
         for key in [self.keys.manifest, *self.keys.exports.values()]:

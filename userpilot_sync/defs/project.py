@@ -5,7 +5,8 @@ Per sync job (``defs/keys.py`` names them): the day multi-asset and the lookups 
 resources: source (API key from ``dg.EnvVar``), destination (dagster-aws / dagster-gcp
 credentials) and three IO managers (exports, manifests, lookups). Shared: the staging resource
 (``$USERPILOT_SYNC_STAGING_DIR`` or ``.staging/``), the partition-window sensor and the
-run-recovery sensor (``recovery.py``).
+run-recovery sensor (``recovery.py``); sync jobs that notify ``late`` get a freshness sensor
+(``notifications.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from userpilot_sync.defs.io_managers import ExportIOManager, LookupsIOManager, M
 from userpilot_sync.defs.jobs import build_check_destination_job, build_lookups_job, build_sync_job
 from userpilot_sync.defs.keys import STAGING_RESOURCE_KEY, SyncJobKeys
 from userpilot_sync.defs.partitions import partitions_def
+from userpilot_sync.defs.notifications import build_freshness_sensor
 from userpilot_sync.defs.recovery import build_run_recovery_sensor
 from userpilot_sync.defs.resources import StagingResource, destination_resource, source_resource
 
@@ -50,6 +52,8 @@ def build_sync_job_definitions(job: SyncJob, staging: Path) -> dg.Definitions:
         lookups_job = build_lookups_job(keys)
         jobs.append(lookups_job)
     sensors = [build_initial_backfill_sensor(keys, sync_job)] if job.backfill_days > 0 else []
+    if any("late" in entry.on for entry in job.notifications):
+        sensors.append(build_freshness_sensor(keys))
     destination = destination_resource(job)
     work_dir = str(staging)
     return dg.Definitions(

@@ -22,43 +22,18 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
+from userpilot_sync.procs import process_alive
+from userpilot_sync.procs import start_time as _start_time
+
 WORKER_TAG = "userpilot_sync/worker"
 _IN_PROGRESS = (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)
 _FINISHED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux ``/proc/<pid>/stat``), if known."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def worker_tags(run_id: str) -> dict[str, str]:
     """The tag naming this process as run ``run_id``'s worker (run id, host, pid, start time)."""
     pid = os.getpid()
     return {WORKER_TAG: f"{run_id}|{socket.gethostname()}|{pid}|{_start_time(pid) or ''}"}
-
-
-def process_alive(pid: int, start_time: str | None = None) -> bool:
-    """True when ``pid`` is a live process on this host (a zombie, or another process that reuses
-    the pid — its start time differs from ``start_time`` — counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return True
-    if fields[0] == "Z":
-        return False
-    return not start_time or fields[19] == start_time
 
 
 @dataclass

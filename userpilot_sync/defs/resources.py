@@ -25,6 +25,7 @@ from dagster_gcp import GCSResource
 
 from userpilot_sync.config.model import SyncJob
 from userpilot_sync.destination.factory import build_storage
+from userpilot_sync.destination.journal import UploadJournal
 from userpilot_sync.destination.storage import Storage
 from pydantic import PrivateAttr
 
@@ -169,21 +170,23 @@ class DestinationResource(_SyncJobBound):
     aws: S3Resource
     gcp: GCSResource
 
-    def storage(self, generations: dict[str, int] | None = None) -> Storage:
-        """A storage for the sync job's destination; ``generations``: GCS preconditions."""
+    def storage(self, generations: dict[str, int] | None = None,
+                journal: UploadJournal | None = None) -> Storage:
+        """A storage for the sync job's destination; ``generations``: GCS preconditions;
+        ``journal``: records pending local/S3 writes for ``clean_leftover_uploads`` (GCS: unused)."""
         job = self.job
         dest = job.destination
         if dest.kind == "s3":
             from userpilot_sync.destination.s3 import S3Storage
 
-            return S3Storage.from_config(job, credentials_from=self.aws)
+            return S3Storage.from_config(job, credentials_from=self.aws, journal=journal)
         if dest.kind == "gcs":
             from userpilot_sync.destination.gcs import GcsStorage
 
             if not dest.credentials_file_env and not os.environ.get("STORAGE_EMULATOR_HOST"):
                 return GcsStorage.from_config(job, client=self.gcp.get_client(), generations=dict(generations or {}))
             return GcsStorage.from_config(job, generations=dict(generations or {}))
-        return build_storage(job, generations=generations)
+        return build_storage(job, generations=generations, journal=journal)
 
 
 def source_resource(job: SyncJob) -> SourceResource:

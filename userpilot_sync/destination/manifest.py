@@ -1,24 +1,41 @@
-"""The manifest: the JSON document that declares one partition's export complete.
+"""The manifest: the JSON document that says whether one partition (UTC day) can be read.
 
-Written last, after every data file of the partition, at the layout's manifest path. A reader
-that follows the manifest (rows, bytes and sha256 per file) can tell a complete day from one
-being replaced. ``manifest_version`` 1 fields:
+Written at the layout's manifest path (``_manifest.json``). ``manifest_version`` 2 (DESIGN.md
+decision 17). The rule for readers: **trust a day only when its manifest says ``status:
+complete`` or ``status: empty``**; a missing manifest or ``status: replacing`` means the day's
+files are being written (or a run writing them crashed; the next run completes them).
 
-* ``manifest_version``, ``schema_version``
+Order of writes for a day: on a re-export, first a ``replacing`` manifest (the run, the files
+about to be replaced), then the data files, then the complete manifest, written last. Every write
+overwrites the same key; the exporter never reads it back (write-only).
+
+Fields of a complete manifest:
+
+* ``manifest_version`` (2), ``schema_version``
+* ``status``: ``complete`` (rows in at least one event type) or ``empty`` (no rows in any);
+  ``status_reason``: one sentence (why a day is empty)
 * ``sync_job`` (name), ``sync_id``, ``app_token``, ``title``
 * ``partition`` (``YYYY-MM-DD``), ``window`` {``from``, ``to``} (ISO-8601 UTC, ``to`` exclusive)
 * ``run_id``, ``exported_at`` (ISO-8601 UTC)
 * ``settings``: formats, layout, filters, file size limits that produced the files
 * ``source``: kind, export job id (API), ``source_rows`` (rows received for the day),
   ``rows_outside_window`` (under ``extraction_window`` when one extraction covered a range),
-  ``duplicates_dropped``, ``filtered_out``, unknown columns
-* ``event_types``: per event type, ``rows`` exported
+  ``duplicates_dropped``, ``filtered_out``, ``not_selected``, unknown columns
+* ``event_types``: per selected event type {``status`` (``complete`` | ``empty``), ``reason``
+  (only when empty), ``rows`` (exported), ``rows_received`` (rows of the type the source delivered
+  for the day), ``duplicates_dropped``, ``filtered_out``}; ``rows_received = rows +
+  duplicates_dropped + filtered_out``
 * ``files``: path (relative to the sync folder), event_type, format, compression, part, rows,
   bytes, sha256
 * ``superseded``: paths an earlier export of this partition wrote that this one no longer
   produces (deleted only when the sync job allows deletes; ``deleted`` says which)
 
-An empty day is a manifest with 0-row files and ``source_rows: 0``, never a missing manifest.
+A ``replacing`` manifest has the identity fields, ``window``, ``run_id``, ``started_at``,
+``status_reason`` and ``replacing``: {``files``: paths earlier exports of the day wrote, which
+this run overwrites or supersedes}; its ``files`` list is empty (nothing of the day is readable).
+
+An empty day is a manifest with 0-row files and ``status: empty``, never a missing manifest.
+:func:`rows_by_event_type` reads the rows of manifest version 1 and 2 alike.
 """
 
 from __future__ import annotations
@@ -30,7 +47,12 @@ from typing import Any, Iterable
 
 from userpilot_sync.schema.events import SCHEMA_VERSION
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+STATUS_COMPLETE = "complete"
+STATUS_EMPTY = "empty"
+STATUS_REPLACING = "replacing"
+#: The statuses a reader may trust (the day's files are all there and listed).
+READABLE_STATUSES = (STATUS_COMPLETE, STATUS_EMPTY)
 
 
 @dataclass(frozen=True)
@@ -62,16 +84,48 @@ def build_manifest(
     run_id: str,
     settings: dict[str, Any],
     source: dict[str, Any],
-    event_types: dict[str, int],
+    event_types: dict[str, dict[str, Any]],
     files: Iterable[FileRecord],
     superseded: Iterable[str] = (),
     deleted: Iterable[str] = (),
     exported_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """The manifest document of one partition (a JSON-serialisable dict)."""
+    """The complete manifest of one partition (a JSON-serialisable dict).
+
+    ``event_types`` maps each selected event type to its entry (:func:`event_type_entry`); the
+    day's ``status`` is ``empty`` when no event type has rows, else ``complete``.
+    """
     exported_at = exported_at or datetime.now(timezone.utc)
+    entries = {et: dict(entry) for et, entry in event_types.items()}
+    rows = sum(e["rows"] for e in entries.values())
+    if rows:
+        status, reason = STATUS_COMPLETE, f"{rows} rows exported in {sum(1 for e in entries.values() if e['rows'])} " \
+                                          f"of {len(entries)} event types"
+    else:
+        received = source.get("source_rows", 0)
+        reason = (_no_events_reason(source) if not received else
+                  f"the source delivered {received} events for the day and none of them was exported "
+                  "(see each event type's reason)")
+        status = STATUS_EMPTY
     return {
         "manifest_version": MANIFEST_VERSION,
+        "status": status,
+        "status_reason": reason,
+        **_identity(sync_job, sync_id, app_token, title, partition, window_from, window_to, run_id),
+        "exported_at": exported_at.astimezone(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "source": source,
+        "event_types": entries,
+        "files": [f.to_dict() for f in sorted(files, key=lambda f: f.path)],
+        "superseded": sorted(set(superseded)),
+        "deleted": sorted(set(deleted)),
+    }
+
+
+def _identity(sync_job: str, sync_id: str, app_token: str, title: str, partition: str, window_from: datetime,
+              window_to: datetime, run_id: str) -> dict[str, Any]:
+    """The fields every manifest of a day carries, whatever its status."""
+    return {
         "schema_version": SCHEMA_VERSION,
         "sync_job": sync_job,
         "sync_id": sync_id,
@@ -80,14 +134,84 @@ def build_manifest(
         "partition": partition,
         "window": {"from": window_from.isoformat(), "to": window_to.isoformat()},
         "run_id": run_id,
-        "exported_at": exported_at.astimezone(timezone.utc).isoformat(timespec="seconds"),
-        "settings": settings,
-        "source": source,
-        "event_types": dict(event_types),
-        "files": [f.to_dict() for f in sorted(files, key=lambda f: f.path)],
-        "superseded": sorted(set(superseded)),
-        "deleted": sorted(set(deleted)),
     }
+
+
+def _no_events_reason(source: dict[str, Any]) -> str:
+    """Why the source delivered nothing, from its facts: chunks found, files skipped (and why)."""
+    reason = "the source delivered no events for the day"
+    kind = source.get("kind")
+    if kind == "files":
+        reason += f" (the source folder held {source.get('chunks', 0)} chunk file(s)"
+        skipped = source.get("skipped") or []
+        if source.get("files_skipped"):
+            names = ", ".join(f"{s['file']} ({s['reason']})" for s in skipped[:5])
+            reason += f"; {source['files_skipped']} file(s) skipped: {names}"
+        reason += ")"
+    elif kind == "export_api" and "chunks" in source:
+        reason += f" (export job {source.get('export_job_id', '?')} completed with {source['chunks']} chunk(s))"
+    return reason
+
+
+def event_type_entry(event_type: str, *, rows: int, rows_received: int, duplicates_dropped: int,
+                     filtered_out: int, filters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One event type's entry in a complete manifest: status, rows and the accounting terms.
+
+    ``status`` is ``empty`` with a ``reason`` when no row was exported: the source delivered none,
+    the filters (named from ``filters``, the sync job's filter settings) removed them all, or every
+    row was a duplicate.
+    """
+    entry: dict[str, Any] = {"status": STATUS_COMPLETE if rows else STATUS_EMPTY, "rows": rows,
+                             "rows_received": rows_received, "duplicates_dropped": duplicates_dropped,
+                             "filtered_out": filtered_out}
+    if not rows:
+        if not rows_received:
+            entry["reason"] = f"the source delivered no {event_type} events for the day"
+        elif filtered_out:
+            active = sorted(k for k, v in (filters or {}).items() if v and k != "event_types")
+            named = f" ({', '.join(active)})" if active else ""
+            entry["reason"] = (f"the sync job's filters{named} removed all {filtered_out} of the "
+                               f"{rows_received} {event_type} events received"
+                               + (f"; {duplicates_dropped} were duplicates" if duplicates_dropped else ""))
+        else:
+            entry["reason"] = f"all {rows_received} {event_type} events received were exact duplicates"
+    return entry
+
+
+def build_replacing_manifest(
+    *,
+    sync_job: str,
+    sync_id: str,
+    app_token: str,
+    title: str,
+    partition: str,
+    window_from: datetime,
+    window_to: datetime,
+    run_id: str,
+    replacing: Iterable[str],
+    started_at: datetime | None = None,
+) -> dict[str, Any]:
+    """The ``replacing`` manifest a re-export writes before it replaces any file of the day.
+
+    ``replacing``: paths (relative to the sync folder) earlier exports of the day wrote.
+    """
+    started_at = started_at or datetime.now(timezone.utc)
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "status": STATUS_REPLACING,
+        "status_reason": f"run {run_id} is replacing this day's files; do not read the day until its manifest "
+                         "says complete or empty (a crashed run leaves this status until the next run completes "
+                         "the day)",
+        **_identity(sync_job, sync_id, app_token, title, partition, window_from, window_to, run_id),
+        "started_at": started_at.astimezone(timezone.utc).isoformat(timespec="seconds"),
+        "replacing": {"files": sorted(set(replacing))},
+        "files": [],
+    }
+
+
+def rows_by_event_type(manifest: dict[str, Any]) -> dict[str, int]:
+    """Rows exported per event type, from a manifest of version 1 (``{type: rows}``) or 2."""
+    return {et: (v["rows"] if isinstance(v, dict) else int(v)) for et, v in manifest.get("event_types", {}).items()}
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:

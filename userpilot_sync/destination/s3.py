@@ -6,7 +6,8 @@ What the exporter sends (and nothing else):
 * ``CreateMultipartUpload`` / ``UploadPart`` / ``CompleteMultipartUpload`` (all covered by
   ``s3:PutObject``) above the threshold, reading the file one ``multipart_chunk_bytes`` part
   at a time, and ``AbortMultipartUpload`` when an upload fails, so no object and no orphaned
-  parts are left;
+  parts are left — and, through the upload journal (``journal.py``), for the upload a killed
+  process left behind (:meth:`S3Storage.abort_upload`, by its recorded upload id);
 * ``DeleteObject`` only when the sync job sets ``allow_deletes: true``.
 
 It never calls HeadObject, GetObject or List*. boto3's managed transfer (``upload_file``) is not
@@ -31,7 +32,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import boto3
 import botocore.exceptions
@@ -41,6 +42,10 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_afte
 from userpilot_sync.destination.storage import _safe_key
 from userpilot_sync.destination.transport import RetryPolicy, require_https
 from userpilot_sync.errors import DestinationError
+from userpilot_sync.faults import pause_point
+
+if TYPE_CHECKING:
+    from userpilot_sync.destination.journal import UploadJournal
 
 #: S3 error codes retried with backoff (besides any HTTP status >= 500).
 TRANSIENT_CODES = frozenset({
@@ -165,6 +170,8 @@ class S3Storage:
     ``client`` is a boto3 S3 client (see :func:`build_s3_client`); sizes are bytes. ``sse`` is
     ``none`` | ``AES256`` (SSE-S3) | ``aws:kms`` (SSE-KMS, ``kms_key_id`` optional: the
     account's AWS-managed key otherwise). ``prefix`` only shapes error messages and ``uri``.
+    ``journal``: records every multipart upload (its UploadId as soon as it is known) until it is
+    completed or aborted, so the next run can abort one a killed process left (None: no records).
     """
 
     kind = "s3"
@@ -183,6 +190,7 @@ class S3Storage:
         allow_deletes: bool = False,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        journal: "UploadJournal | None" = None,
     ):
         self.client = client
         self.bucket = bucket
@@ -195,11 +203,13 @@ class S3Storage:
         self.allow_deletes = allow_deletes
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
+        self.journal = journal
 
     @classmethod
     def from_config(cls, job: Any, *, client: Any = None, credentials_from: Any = None,
-                    retry: RetryPolicy | None = None) -> "S3Storage":
-        """The storage of ``job.destination`` (an S3Destination). Raises DestinationError."""
+                    retry: RetryPolicy | None = None, journal: "UploadJournal | None" = None) -> "S3Storage":
+        """The storage of ``job.destination`` (an S3Destination); ``journal``: see the class.
+        Raises DestinationError."""
         dest = job.destination
         if dest.endpoint_url:
             require_https(dest.endpoint_url, "S3 endpoint_url")
@@ -207,7 +217,7 @@ class S3Storage:
         return cls(client, bucket=dest.bucket, prefix=dest.prefix, sse=dest.sse, kms_key_id=dest.kms_key_id,
                    checksum=dest.checksum, multipart_threshold_bytes=dest.multipart_threshold_bytes,
                    multipart_chunk_bytes=dest.multipart_chunk_bytes, allow_deletes=dest.allow_deletes,
-                   retry=retry)
+                   retry=retry, journal=journal)
 
     # ------------------------------------------------------------------ Storage protocol
     def uri(self, key: str) -> str:
@@ -223,7 +233,7 @@ class S3Storage:
         size = path.stat().st_size
         extra = self._object_args(content_type, content_encoding)
         if size > self.multipart_threshold_bytes:
-            self._put_multipart(key, path, extra)
+            self._put_multipart(key, path, extra, size)
             return
 
         def put() -> Any:
@@ -256,6 +266,25 @@ class S3Storage:
             Bucket=self.bucket, Key=key, **extra, **self._algorithm_arg()))
         self._abort(key, created["UploadId"], raise_errors=True)
 
+    def abort_upload(self, key: str, upload_id: str) -> bool:
+        """Abort the multipart upload ``upload_id`` of ``key`` (one AbortMultipartUpload, retried on
+        transient errors): True if it was aborted, False if S3 no longer has it (NoSuchUpload:
+        completed, or aborted already). Used for uploads a killed process left behind (the upload
+        journal); nothing is listed. Raises DestinationError (AccessDenied names the missing
+        s3:AbortMultipartUpload)."""
+        key = _safe_key(key)
+
+        def abort() -> bool:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    return False  # also when an earlier attempt aborted it and its answer was lost
+                raise
+            return True
+
+        return self._call("AbortMultipartUpload", key, abort)
+
     # ------------------------------------------------------------------ internals
     def _object_args(self, content_type: str, content_encoding: str | None) -> dict:
         args: dict[str, Any] = {"ContentType": content_type}
@@ -287,13 +316,26 @@ class S3Storage:
             return {"ContentMD5": base64.b64encode(md5.digest()).decode("ascii")}
         return {}
 
-    def _put_multipart(self, key: str, path: Path, extra: dict) -> None:
-        created = self._call("CreateMultipartUpload", key, lambda: self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=key, **extra, **self._algorithm_arg()))
+    def _put_multipart(self, key: str, path: Path, extra: dict, size: int | None = None) -> None:
+        journal = self.journal
+        # Recorded before the upload exists, with its UploadId as soon as S3 answers: a process
+        # killed in between leaves a record without an id (logged by the cleanup; the bucket's
+        # AbortIncompleteMultipartUpload lifecycle rule removes such an upload).
+        record = journal.begin("s3_multipart", key, bucket=self.bucket, size=size) if journal else None
+        try:
+            created = self._call("CreateMultipartUpload", key, lambda: self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, **extra, **self._algorithm_arg()))
+        except BaseException:
+            if record is not None:
+                journal.end(record)
+            raise
         upload_id = created["UploadId"]
         alg = _ALGORITHM.get(self.checksum)
         parts: list[dict] = []
+        uploaded = 0
         try:
+            if record is not None:
+                record = journal.update(record, upload_id=upload_id)
             with open(path, "rb") as f:
                 number = 1
                 while True:
@@ -307,23 +349,34 @@ class S3Storage:
                     if alg and response.get(f"Checksum{alg}"):
                         part[f"Checksum{alg}"] = response[f"Checksum{alg}"]
                     parts.append(part)
+                    uploaded += len(chunk)
+                    if record is not None:
+                        record = journal.update(record, bytes=uploaded)
+                    if number == 1:
+                        pause_point("multipart")  # fault tests: first part stored, upload not completed
                     number += 1
             self._call("CompleteMultipartUpload", key, lambda: self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}),
                 completes=True)
         except BaseException:
-            self._abort(key, upload_id)
+            if self._abort(key, upload_id) and record is not None:
+                journal.end(record)
+            # else the record stays: the next run after this process has exited aborts it again
             raise
+        if record is not None:
+            journal.end(record)
 
-    def _abort(self, key: str, upload_id: str, raise_errors: bool = False) -> None:
+    def _abort(self, key: str, upload_id: str, raise_errors: bool = False) -> bool:
+        """Abort an upload of this process; True when S3 confirmed it (or no longer has it)."""
         try:
-            self._call("AbortMultipartUpload", key, lambda: self.client.abort_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id))
+            self.abort_upload(key, upload_id)
         except DestinationError:
             if raise_errors:
                 raise
-            # The original error is more useful; a lifecycle rule
-            # (AbortIncompleteMultipartUpload) removes parts an abort could not.
+            # The original error is more useful; the journal's record (if any) stays for the next
+            # run, and a lifecycle rule (AbortIncompleteMultipartUpload) removes what nobody aborts.
+            return False
+        return True
 
     def _call(self, operation: str, key: str, fn: Callable[[], Any], completes: bool = False) -> Any:
         """Run one S3 request with retries on transient errors; map the rest to DestinationError."""

@@ -17,6 +17,7 @@ from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.destination.manifest import FileRecord, manifest_bytes
 from userpilot_sync.destination.storage import Storage
 from userpilot_sync.export import PreparedExport
+from userpilot_sync.faults import pause_point
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ def write_export(prepared: PreparedExport, job: SyncJob, storage: Storage, work_
                 rel = layout.data_path(prepared.partition, prepared.event_type, spec.extension, i, len(parts))
                 key = layout.key(rel)
                 storage.put_file(key, part.path, content_type=content_type)
+                pause_point("uploading")
                 part.path.unlink()
                 files.append(
                     FileRecord(

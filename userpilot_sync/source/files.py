@@ -37,9 +37,28 @@ class FilesSource:
             key=lambda p: p.relative_to(self.path).as_posix(),
         )
 
+    def skipped_files(self, limit: int = 50) -> tuple[list[dict[str, str]], int]:
+        """Files below the folder that are not read, with why (at most ``limit``), and their count:
+        hidden or ``_``-files, and names that are not a chunk format (e.g. ``.ndjson.zst``, ``.txt``)."""
+        skipped = []
+        for p in sorted(self.path.rglob("*"), key=lambda p: p.relative_to(self.path).as_posix()):
+            if not p.is_file():
+                continue
+            rel = p.relative_to(self.path)
+            if any(part.startswith((".", "_")) for part in rel.parts):
+                reason = "hidden or '_' name (not a chunk by convention)"
+            elif not chunk_format(p):
+                reason = ("not a chunk format (parquet, ndjson, csv, avro; ndjson/csv may end in .gz): "
+                          f"{''.join(p.suffixes) or 'no extension'}")
+            else:
+                continue
+            skipped.append({"file": rel.as_posix(), "reason": reason})
+        return skipped[:limit], len(skipped)
+
     def extract(self, request: ExtractRequest) -> Extraction:
         files = self.chunk_files()
-        facts = {"kind": self.kind, "chunks": len(files)}
+        skipped, n_skipped = self.skipped_files()
+        facts = {"kind": self.kind, "chunks": len(files), "files_skipped": n_skipped, "skipped": skipped}
 
         def batches() -> Iterator[SourceBatch]:
             for path in files:
