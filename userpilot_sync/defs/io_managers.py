@@ -163,6 +163,16 @@ class _DestinationIOManager(dg.ConfigurableIOManager):
         """A one-line-cause failure, also put on the run as its ``userpilot_sync/failure`` tag."""
         exc = failure(self.job.name, label, cause)
         tag_run(context.step_context.instance, context.run_id, exc)
+        # Dagster runs IO managers outside the step's generator: the step cannot see this failure
+        days = []
+        if context.has_asset_partitions:
+            days = [label] if label in context.asset_partition_keys else list(context.asset_partition_keys)
+        if days:
+            from userpilot_sync.defs.notifications import notify_run_days
+
+            notify_run_days(context.step_context.instance, SyncJobKeys(self.job), context.run_id, exported={},
+                            failed={pk: exc.description for pk in days}, problems={},
+                            log=context.log.warning)
         return exc
 
     def _record_day(self, context: dg.OutputContext, partition: str, metadata: dict) -> None:
@@ -235,9 +245,11 @@ class ExportIOManager(_DestinationIOManager):
                     ledger.record_partial_write(context.asset_key, done, _file_entries(storage, layout, batch.written[done]),
                                                 self._generations(storage, recorded.get(done, {}), done_keys),
                                                 reason="written by a run that failed later")
+                what = (f"event type {prepared.event_type!r}" if batch.replacing is None or pk in batch.replacing.announced
+                        or pk not in batch.replacing.manifests else "the 'replacing' manifest")
                 if isinstance(exc, UserpilotSyncError):
-                    raise self._fail(context, pk, f"event type {prepared.event_type!r}: {exc}") from None
-                raise self._fail(context, pk, f"event type {prepared.event_type!r}: {type(exc).__name__}: {exc}") from exc
+                    raise self._fail(context, pk, f"{what}: {exc}") from None
+                raise self._fail(context, pk, f"{what}: {type(exc).__name__}: {exc}") from exc
             batch.written[pk] = written.files
             files = _file_entries(storage, layout, written.files)
             metadata = record_metadata(

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 import dagster as dg
 
+from userpilot_sync.config.model import NOTIFY_EVENTS
 from userpilot_sync.defs.keys import SyncJobKeys
 from userpilot_sync.defs.notify_store import DagsterKVDedupe
 from userpilot_sync.defs.status import day_statuses
@@ -48,7 +49,18 @@ def check_problems(evaluations: Iterable[dg.AssetCheckEvaluation]) -> dict[str, 
 def notify_run_days(instance: dg.DagsterInstance, keys: SyncJobKeys, run_id: str, *,
                     exported: dict[str, dict], failed: dict[str, str],
                     problems: dict[str, list[str]], log=None) -> None:
-    """Tell the receivers what became of each day of run ``run_id`` (see the module docstring)."""
+    """Tell the receivers what became of each day of run ``run_id`` (see the module docstring).
+    Never raises: a notification problem is logged (``log``) and must not change the run's outcome."""
+    try:
+        _notify_run_days(instance, keys, run_id, exported=exported, failed=failed, problems=problems, log=log)
+    except Exception as exc:
+        if log is not None:
+            log(f"sync job {keys.name!r}: notifications of run {run_id} not sent: {type(exc).__name__}: {exc}")
+
+
+def _notify_run_days(instance: dg.DagsterInstance, keys: SyncJobKeys, run_id: str, *,
+                     exported: dict[str, dict], failed: dict[str, str],
+                     problems: dict[str, list[str]], log=None) -> None:
     notifier = notifier_for(instance, keys)
     if notifier is None:
         return
@@ -57,8 +69,9 @@ def notify_run_days(instance: dg.DagsterInstance, keys: SyncJobKeys, run_id: str
     for pk, reason in sorted(failed.items()):
         outcomes += notifier.notify(notifier.notice("failed", partition=pk, run_id=run_id, message=reason))
     for pk, manifest in sorted(exported.items()):
-        if not problems.get(pk):
-            notifier.rearm(job.name, pk)  # the day recovered: a later failure is news again
+        # the day recovered: a later failure, lateness or export is news again; a check problem only
+        # once the day's checks all passed
+        notifier.rearm(job.name, pk, ("failed", "late", "exported") if problems.get(pk) else NOTIFY_EVENTS)
         rows = sum(e["rows"] if isinstance(e, dict) else e for e in manifest.get("event_types", {}).values())
         outcomes += notifier.notify(notifier.notice(
             "exported", partition=pk, run_id=run_id,

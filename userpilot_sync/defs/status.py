@@ -53,15 +53,39 @@ class DayStatus:
         return asdict(self)
 
 
-def _newest(ledger: Ledger, key: dg.AssetKey, days: list[str]) -> dict[str, object]:
+def _newest(ledger: Ledger, key: dg.AssetKey, days: list[str], keep=lambda record: True) -> dict[str, object]:
     newest: dict[str, object] = {}
     for record in ledger._records(key, days):  # newest first, paged
-        newest.setdefault(record.partition_key, record)
+        if record.partition_key not in newest and keep(record):
+            newest[record.partition_key] = record
     return newest
+
+
+def _exported(record) -> bool:
+    event = record.asset_materialization
+    return _is_v1(event) or _value(event, STATUS_KEY) == STATUS_EXPORTED
 
 
 def _when(record) -> str:
     return datetime.fromtimestamp(record.timestamp, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _day_exported_failures(instance: dg.DagsterInstance, keys: SyncJobKeys, days: set[str],
+                           limit: int = 2000) -> dict[str, tuple[float, str, str]]:
+    """Per day: the newest failed ``day_exported`` check evaluation (timestamp, run id, reason) among
+    the check's newest ``limit`` evaluations — the only record of a day whose run failed before it
+    wrote anything (e.g. a row that breaks the Event Schema, a refused shrink)."""
+    from userpilot_sync.defs.keys import CHECK_DAY_EXPORTED
+
+    key = dg.AssetCheckKey(keys.manifest, CHECK_DAY_EXPORTED)
+    newest: dict[str, tuple[float, str, str] | None] = {}
+    for record in instance.event_log_storage.get_asset_check_execution_history(key, limit=limit):
+        data = record.event.dagster_event.event_specific_data if record.event and record.event.dagster_event else None
+        if not isinstance(data, dg.AssetCheckEvaluation) or data.partition not in days or data.partition in newest:
+            continue
+        reason = getattr(data.metadata.get("reason"), "value", None) or data.description or "see the run"
+        newest[data.partition] = None if data.passed else (record.event.timestamp, record.run_id, str(reason))
+    return {pk: v for pk, v in newest.items() if v is not None}
 
 
 def day_statuses(instance: dg.DagsterInstance, keys: SyncJobKeys, now: datetime | None = None) -> list[DayStatus]:
@@ -70,10 +94,10 @@ def day_statuses(instance: dg.DagsterInstance, keys: SyncJobKeys, now: datetime 
     now = now or datetime.now(timezone.utc)
     days = window_partition_keys(now, job.partitions_start)
     ledger = Ledger(instance, keys)
-    manifests = {pk: r for pk, r in _newest(ledger, keys.manifest, days).items()
-                 if _is_v1(r.asset_materialization) or _value(r.asset_materialization, STATUS_KEY) == STATUS_EXPORTED}
+    manifests = _newest(ledger, keys.manifest, days, keep=_exported)  # a failed re-export keeps the day's files
     raws = _newest(ledger, keys.raw_events, days)
-    attempted = sorted(set(manifests) | set(raws))
+    checks = _day_exported_failures(instance, keys, set(days))
+    attempted = sorted(set(manifests) | set(raws) | set(checks))
     first_day = attempted[0] if attempted else None
     runs: dict[str, dg.DagsterRun | None] = {}
 
@@ -106,6 +130,13 @@ def day_statuses(instance: dg.DagsterInstance, keys: SyncJobKeys, now: datetime 
                 day.last_attempt = f"run {r.run_id} {_value(event, STATUS_KEY) or 'failed'}: {reason or 'see the run'}"
             else:
                 day.status, day.run_id, day.reason = "failed", r.run_id, reason or "see the run"
+        failure = checks.get(pk)  # a run that failed before recording anything of the day
+        if failure is not None and (m is None or failure[0] > m.timestamp) and (r is None or failure[0] > r.timestamp) \
+                and failure[1] != day.run_id:
+            if m is not None and day.status in READABLE:
+                day.last_attempt = f"run {failure[1]} failed: {failure[2]}"
+            elif day.status in ("missing", "pending"):
+                day.status, day.run_id, day.reason = "failed", failure[1], failure[2]
         if day.status not in READABLE and day.status != "running" and now > deadline:
             day.late = True
             if day.status == "missing" and first_day is not None and pk >= first_day:

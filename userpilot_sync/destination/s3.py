@@ -39,6 +39,7 @@ import botocore.exceptions
 from botocore.config import Config
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_random_exponential
 
+from userpilot_sync.destination.journal import JournalError
 from userpilot_sync.destination.storage import _safe_key
 from userpilot_sync.destination.transport import RetryPolicy, require_https
 from userpilot_sync.errors import DestinationError
@@ -351,7 +352,10 @@ class S3Storage:
                     parts.append(part)
                     uploaded += len(chunk)
                     if record is not None:
-                        record = journal.update(record, bytes=uploaded)
+                        try:  # progress only (the record with the upload id is what crash safety needs)
+                            record = journal.update(record, bytes=uploaded)
+                        except JournalError:
+                            pass
                     if number == 1:
                         pause_point("multipart")  # fault tests: first part stored, upload not completed
                     number += 1

@@ -128,6 +128,11 @@ class Notifier:
                 outcomes.append(Outcome(label, entry.kind, notice.event, notice.dedup_key, "failed",
                                         exc.attempts, str(exc)))
                 continue
+            except Exception as exc:  # a library error (e.g. botocore credential refresh): never fails a run
+                message = f"sync job {self.job.name!r}: {label}: the {notice.event} notice was not sent ({type(exc).__name__})"
+                log.warning("%s", message)
+                outcomes.append(Outcome(label, entry.kind, notice.event, notice.dedup_key, "failed", 1, message))
+                continue
             if key:
                 self.dedupe.set(key, json.dumps({"sent_at": self.clock().isoformat(), "run_id": notice.run_id}))
             log.info("sync job %r: %s: sent the %s notice %s (%d attempt(s))", self.job.name, label, notice.event,
@@ -135,14 +140,14 @@ class Notifier:
             outcomes.append(Outcome(label, entry.kind, notice.event, notice.dedup_key, "sent", attempts))
         return outcomes
 
-    def rearm(self, sync_job: str, partition: str) -> None:
+    def rearm(self, sync_job: str, partition: str, events: tuple[str, ...] = NOTIFY_EVENTS) -> None:
         """Forget every notice of ``partition`` (all events, all entries): the next ones are sent again.
 
         Call it when the day is exported successfully (before notifying ``exported``).
         """
         if sync_job != self.job.name:
             raise ValueError(f"rearm of sync job {sync_job!r} asked of the notifier of {self.job.name!r}")
-        for event in NOTIFY_EVENTS:
+        for event in events:
             for _, entry in self.entries_for(event):
                 key = self._key(f"{sync_job}:{partition}:{event}", entry)
                 if self.dedupe.get(key):
