@@ -198,11 +198,8 @@ def _notify_run_failure(context: dg.AssetExecutionContext, keys: SyncJobKeys, ex
     if not keys.job.notifications or getattr(exc, "days_notified", False):
         return
     reason = (exc.description or str(exc)).strip()
-    try:
-        notify_run_days(context.instance, keys, context.run_id, exported={},
-                        failed={pk: reason for pk in context.partition_keys}, problems={}, log=context.log.warning)
-    except Exception as error:  # a notification must never hide the run's own failure
-        context.log.warning(f"sync job {keys.name!r}: could not send failure notifications: {error}")
+    notify_run_days(context.instance, keys, context.run_id, exported={},  # never raises
+                    failed={pk: reason for pk in context.partition_keys}, problems={}, log=context.log.warning)
 
 
 def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys) -> Iterator:

@@ -209,7 +209,8 @@ class ExportIOManager(_DestinationIOManager):
         """Write day ``pk``'s ``replacing`` manifest once per step, before its first file."""
         if replacing is None or pk not in replacing.manifests or pk in replacing.announced:
             return
-        key = layout_for(self.job).key(layout_for(self.job).manifest_path(pk))
+        layout = layout_for(self.job)
+        key = layout.key(layout.manifest_path(pk))
         generations = getattr(storage, "generations", None)
         if generations is not None and key in replacing.generations:
             generations[key] = replacing.generations[key]
