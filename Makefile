@@ -27,13 +27,19 @@ run: install $(DAGSTER_HOME)/dagster.yaml
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
+# Tests run on $(TEST_WORKERS) pytest-xdist workers (one per core of the 2-core machines). loadfile:
+# each test module runs whole on one worker (its servers and dagster dev start once); the slowest
+# modules go first, in the order of SLOW_MODULES in userpilot_sync_tests/conftest.py.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 # The whole test suite (starts its own local S3, GCS, Export API and Dagster servers).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 # The fast lane: no servers, no dagster dev, no kill -9 (markers integration and faults left out).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not integration and not faults"
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not integration and not faults"
 
 # dg's own check that the definitions load.
 check: install

@@ -3,6 +3,9 @@
     python -m benchmarks.children s3server                      local moto S3 server on 127.0.0.1
     python -m benchmarks.children generate <json args>          demo events -> Parquet chunk files
     python -m benchmarks.children exporter|naive|floor <json>   one measured export
+    python -m benchmarks.children snapshot_setup <json>         the snapshot benchmark's state store
+    python -m benchmarks.children snapshot|snapshot_replay <json>  one measured snapshot day / replay
+                                                                (benchmarks/snapshots.py)
 
 A measured child prints one JSON line (``{"wall_s": ..., "maxrss_kb": ...}``) as its last line
 of stdout; ``wall_s`` covers the work only (imports and client setup excluded, the same for
@@ -112,6 +115,7 @@ def exporter(args: dict) -> None:
 
     from userpilot_sync.config.model import FilesSourceConfig, FormatSpec, S3Destination, SyncJob
     from userpilot_sync.destination.s3 import S3Storage
+    from userpilot_sync.destination.manifest import rows_by_event_type
     from userpilot_sync.pipeline import sync_partition
     from userpilot_sync.source.files import FilesSource
 
@@ -123,6 +127,8 @@ def exporter(args: dict) -> None:
         destination=S3Destination(bucket=args["bucket"], prefix=PREFIX, endpoint_url=args["endpoint"],
                                   region="us-east-1"),
         formats=(FormatSpec(format="parquet", compression="zstd"),),
+        # the event exports alone, comparable with naive and floor (snapshot_1m measures the snapshots)
+        userpilot_files=(),
     )
     storage = S3Storage.from_config(job)
     day = date.fromisoformat(args["day"])
@@ -132,7 +138,7 @@ def exporter(args: dict) -> None:
         t0 = time.perf_counter()
         result = sync_partition(job, args["day"], staging, storage=storage, source=FilesSource(args["data"]),
                                 run_id="bench", now=now)
-        _finish(t0, {"rows": sum(result.manifest["event_types"].values()),
+        _finish(t0, {"rows": sum(rows_by_event_type(result.manifest).values()),
                      "output_bytes": sum(f.bytes for f in result.files), "files": len(result.files)})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -224,7 +230,12 @@ def main(argv: list[str]) -> None:
     if argv[0] == "s3server":
         s3server()
         return
-    COMMANDS[argv[0]](json.loads(argv[1]))
+    if argv[0] in COMMANDS:
+        COMMANDS[argv[0]](json.loads(argv[1]))
+        return
+    from benchmarks.snapshots import COMMANDS as SNAPSHOT_COMMANDS  # numpy/polars at import: only here
+
+    SNAPSHOT_COMMANDS[argv[0]](json.loads(argv[1]))
 
 
 if __name__ == "__main__":

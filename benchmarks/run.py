@@ -1,7 +1,9 @@
 """Benchmark the exporter against a naive baseline and the floor, plus a 365-day backfill.
 
     python -m benchmarks.run [--sizes 1000000,5000000] [--backfill-days 365] [--backfill-events 20000]
-                             [--only exporter,naive,floor,backfill_365] [--quick] [--baseline] [--profile]
+                             [--snapshot-users 1000000]
+                             [--only exporter,naive,floor,backfill_365,snapshot_1m[,snapshot_1m_replay]]
+                             [--quick] [--baseline] [--profile]
 
 One process tree, on the same generated source data:
 
@@ -15,6 +17,13 @@ One process tree, on the same generated source data:
   temporary DAGSTER_HOME (deploy/dagster.yaml); an asset backfill of the demo sync job's
   365 days ending yesterday is launched over GraphQL (``launchPartitionBackfill``), timed until
   the backfill completes; peak RSS of the run processes is sampled (VmHWM) with psutil.
+* ``snapshot_1m``: the ``all_users``/``all_companies`` snapshot work of one day for an app with
+  ``--snapshot-users`` identified users (default 1,000,000), in a child process (peak RSS from
+  ``os.wait4``): load the newest state, the day's deltas, merge, record the day in the state
+  store, build + validate the files, write them (Parquet/zstd); seconds per stage. The state
+  store it starts from (31 recorded days) is built once and cached under ``benchmarks/.data/``.
+  ``snapshot_1m_replay`` (not in the default list: slow): the prior state of a re-export of the
+  newest day, i.e. a checkpoint 29 days back plus 29 replayed deltas. See benchmarks/snapshots.py.
 
 Prints a table and writes ``benchmarks/results/latest.json`` (``--baseline``: also
 ``baseline.json``). Everything it starts is stopped when it ends.
@@ -84,20 +93,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def dataset(events: int) -> tuple[Path, dict]:
-    """The cached chunk files of one day of ``events`` demo events (generated on first use)."""
-    folder = DATA / f"demo-{events}-{BENCH_DAY}-seed{SEED}"
+def _cached(name: str, inner: str, what: str, command: str, args: dict) -> tuple[Path, dict]:
+    """``benchmarks/.data/<name>/<inner>``, built by the child ``command`` on first use; with its info."""
+    folder = DATA / name
     info_file = folder / "dataset.json"
     if info_file.exists():
-        return folder / "chunks", json.loads(info_file.read_text())
+        return folder / inner, json.loads(info_file.read_text())
     shutil.rmtree(folder, ignore_errors=True)
-    print(f"generating {events:,} demo events into {folder.relative_to(REPO)} ...", flush=True)
+    print(f"  building {what} into {folder.relative_to(REPO)} ...", flush=True)
     t0 = time.perf_counter()
-    info, _, _ = _child(["generate", json.dumps({"out": str(folder / "chunks"), "events": events, "seed": SEED,
-                                                 "day": BENCH_DAY})])
+    info, _, rss_kb = _child([command, json.dumps({"out": str(folder / inner), **args})])
     info["generate_s"] = round(time.perf_counter() - t0, 1)
+    info["generate_peak_rss_mb"] = round(rss_kb / 1024, 1)
     info_file.write_text(json.dumps(info, indent=2))
-    return folder / "chunks", info
+    return folder / inner, info
+
+
+def dataset(events: int) -> tuple[Path, dict]:
+    """The cached chunk files of one day of ``events`` demo events (generated on first use)."""
+    return _cached(f"demo-{events}-{BENCH_DAY}-seed{SEED}", "chunks", f"{events:,} demo events", "generate",
+                   {"events": events, "seed": SEED, "day": BENCH_DAY})
 
 
 class S3Server:
@@ -138,6 +153,68 @@ def _record(name: str, events: int, wall: float, rss_kb: int, source_bytes: int,
     }
     rec.update(extra)
     return rec
+
+
+def snapshot_dataset(users: int) -> tuple[Path, dict]:
+    """The cached snapshot state store for ``users`` identified users (built on first use)."""
+    return _cached(f"snapshot-v1-{users}-{BENCH_DAY}-seed{SEED}", "store",
+                   f"the snapshot state store for {users:,} users", "snapshot_setup",
+                   {"users": users, "seed": SEED, "bench_day": BENCH_DAY})
+
+
+def bench_snapshot(users: int) -> dict:
+    """``snapshot_1m``: one day's snapshot work on a copy of the cached state store."""
+    store, info = snapshot_dataset(users)
+    print(f"  snapshot  users={users:>9,} ...", end="", flush=True)
+    out, process_wall, rss_kb = _child(["snapshot", json.dumps({"store": str(store), "users": users, "seed": SEED,
+                                                                "bench_day": BENCH_DAY})])
+    rec = _record("snapshot_1m", out["users"], out["wall_s"], rss_kb, 0, events_per_s=None,
+                  events_note="events = users in all_users", process_wall_s=round(process_wall, 2),
+                  snapshot_users=users, users=out["users"], companies=out["companies"], day=out["day"],
+                  previous_day=out["previous_day"], stages_s=out["stages_s"], delta_rows=out["delta_rows"],
+                  identify_user_events=out["identify_user_events"], activity_rows=out["activity_rows"],
+                  output_bytes=out["output_bytes"], output_bytes_companies=out["output_bytes_companies"],
+                  files=2, output_parts=out["output_parts"],
+                  state_store_bytes_written=out["state_store_bytes_written"],
+                  state_store_bytes=info["store_bytes"], rss_mb_after_stage=out["rss_mb_after"],
+                  peak_rss_reached_in=_peak_stage(out["rss_mb_after"]),
+                  pyarrow_pool_max_mb=out["pyarrow_pool_max_mb"],
+                  pyarrow_pool_backend=out["pyarrow_backend"], load_average=_loadavg(), measured_at=_now())
+    print(f" {rec['wall_s']:8.2f} s  {rec['peak_rss_mb']:>8} MB  ("
+          + ", ".join(f"{k} {v:.2f}" for k, v in out["stages_s"].items()) + ")", flush=True)
+    return rec
+
+
+def bench_snapshot_replay(users: int) -> dict:
+    """``snapshot_1m_replay``: ``prior_state`` from a checkpoint 29 days behind (29 deltas replayed)."""
+    store, _ = snapshot_dataset(users)
+    print(f"  replay    users={users:>9,} ...", end="", flush=True)
+    out, process_wall, rss_kb = _child(["snapshot_replay", json.dumps({"store": str(store), "users": users,
+                                                                       "seed": SEED, "bench_day": BENCH_DAY})])
+    rec = _record("snapshot_1m_replay", out["users"], out["wall_s"], rss_kb, 0, events_per_s=None,
+                  events_note="events = users in the replayed state", process_wall_s=round(process_wall, 2),
+                  snapshot_users=users, users=out["users"], companies=out["companies"], day=out["day"],
+                  previous_day=out["previous_day"], base_state=out["base_state"],
+                  deltas_replayed=out["deltas_replayed"], load_average=_loadavg(), measured_at=_now())
+    print(f" {rec['wall_s']:8.2f} s  {rec['peak_rss_mb']:>8} MB  ({out['deltas_replayed']} deltas)", flush=True)
+    return rec
+
+
+def _peak_stage(rss_after: dict) -> str:
+    """The first stage after which the child's peak RSS had its final value."""
+    top = max(v["peak"] for v in rss_after.values())
+    return next(k for k, v in rss_after.items() if v["peak"] == top)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def bench_export(name: str, events: int, server: S3Server, profile_dir: Path | None) -> dict:
@@ -301,8 +378,10 @@ def bench_backfill(days: int, events_per_day: int, days_per_run: int | None, kee
                     {"t": [{"key": "dagster/backfill", "value": backfill_id}]})["runsOrError"]["results"]
         sampler.stop_event.set()
         sampler.join(5)
+        from userpilot_sync.destination.manifest import rows_by_event_type
+
         manifests = list(exports.rglob("_manifest.json"))
-        exported = sum(sum(json.loads(m.read_text())["event_types"].values()) for m in manifests)
+        exported = sum(sum(rows_by_event_type(json.loads(m.read_text())).values()) for m in manifests)
         run_walls = [r["endTime"] - r["startTime"] for r in runs if r["endTime"] and r["startTime"]]
         rec = _record(
             "backfill_365", exported, wall, max(sampler.run_hwm_kb.values(), default=0), 0,
@@ -390,11 +469,21 @@ def targets(records: list[dict]) -> list[str]:
 
 
 def table(records: list[dict]) -> str:
-    head = f"{'name':<13} {'events':>11} {'wall_s':>9} {'events/s':>11} {'MB/s':>8} {'peak_rss_mb':>12}"
+    head = f"{'name':<18} {'events':>11} {'wall_s':>9} {'events/s':>11} {'MB/s':>8} {'peak_rss_mb':>12}"
     lines = [head, "-" * len(head)]
     for r in records:
-        lines.append(f"{r['name']:<13} {r['events']:>11,} {r['wall_s']:>9.2f} {r['events_per_s'] or 0:>11,} "
+        rate = f"{r['events_per_s']:,}" if r["events_per_s"] is not None else "-"
+        lines.append(f"{r['name']:<18} {r['events']:>11,} {r['wall_s']:>9.2f} {rate:>11} "
                      f"{r['mb_per_s'] if r['mb_per_s'] is not None else '-':>8} {r['peak_rss_mb'] or '-':>12}")
+    for r in records:
+        if r["name"] == "snapshot_1m":
+            lines.append(f"  snapshot_1m: {r['users']:,} users, {r['companies']:,} companies, delta rows "
+                         f"{r['delta_rows']['all_users']:,} users / {r['delta_rows']['all_companies']:,} companies, "
+                         f"all_users {r['output_bytes']:,} bytes, peak RSS reached in {r['peak_rss_reached_in']}; "
+                         "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items()))
+        elif r["name"] == "snapshot_1m_replay":
+            lines.append(f"  snapshot_1m_replay: prior_state of {r['day']} = full state of {r['base_state']} "
+                         f"+ {r['deltas_replayed']} deltas")
     return "\n".join(lines)
 
 
@@ -405,19 +494,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backfill-events", type=int, default=20000, help="events per day in the backfill")
     parser.add_argument("--backfill-days-per-run", type=int, default=None,
                         help="override the sync job's backfill_days_per_run (default: the model default, 31)")
-    parser.add_argument("--only", default="exporter,naive,floor,backfill_365",
-                        help="comma-separated subset of exporter,naive,floor,backfill_365")
+    parser.add_argument("--snapshot-users", type=int, default=1_000_000,
+                        help="identified users of the snapshot benchmarks (snapshot_1m, snapshot_1m_replay)")
+    parser.add_argument("--only", default="exporter,naive,floor,backfill_365,snapshot_1m",
+                        help="comma-separated subset of exporter,naive,floor,backfill_365,snapshot_1m,"
+                             "snapshot_1m_replay (the last not by default: it replays 29 days of deltas)")
     parser.add_argument("--quick", action="store_true",
-                        help="small run: sizes 100000,500000, backfill 31 days x 5,000 events")
+                        help="small run: sizes 100000,500000, backfill 31 days x 5,000 events, "
+                             "50,000 snapshot users")
     parser.add_argument("--baseline", action="store_true", help="also write benchmarks/results/baseline.json")
     parser.add_argument("--profile", action="store_true",
                         help="run the exporter under py-spy (speedscope files in benchmarks/results/); "
                              "RSS then comes from the child's own getrusage")
     parser.add_argument("--keep-backfill", action="store_true", help="keep the backfill's temporary folder")
     parser.add_argument("--out", default=str(RESULTS / "latest.json"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the records of --out whose name this run did not measure (e.g. add "
+                             "snapshot_1m to a full run's latest.json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.backfill_days, args.backfill_events = "100000,500000", 31, 5000
+        args.snapshot_users = 50_000
     sizes = [int(s) for s in args.sizes.split(",") if s]
     only = set(args.only.split(","))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -441,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     if "backfill_365" in only and args.backfill_days > 0:
         records.append(bench_backfill(args.backfill_days, args.backfill_events, args.backfill_days_per_run,
                                       keep=args.keep_backfill))
+    if "snapshot_1m" in only and args.snapshot_users > 0:
+        records.append(bench_snapshot(args.snapshot_users))
+    if "snapshot_1m_replay" in only and args.snapshot_users > 0:
+        records.append(bench_snapshot_replay(args.snapshot_users))
     print()
     print(table(records))
     print()
@@ -449,9 +550,22 @@ def main(argv: list[str] | None = None) -> int:
     doc = records
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    note = None
+    if args.merge and out.exists():
+        measured = {r["name"] for r in records}
+        kept = [r for r in json.loads(out.read_text()) if r["name"] not in measured]
+        doc = kept + records
+        old_meta = out.with_name(out.stem + ".meta.json")
+        before = json.loads(old_meta.read_text()) if old_meta.exists() else {}
+        note = (f"merged: {', '.join(sorted(measured))} measured at measured_at; "
+                f"{', '.join(dict.fromkeys(r['name'] for r in kept))} kept from the previous {out.name} "
+                f"(its measured_at {before.get('measured_at')}; its note: {before.get('note')})")
     out.write_text(json.dumps(doc, indent=2) + "\n")
     meta = {"machine": info, "bench_day": BENCH_DAY, "seed": SEED, "total_s": round(time.perf_counter() - started, 1),
-            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "targets": targets(records)}
+            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "targets": targets(doc),
+            "load_average_end": _loadavg()}
+    if note:
+        meta["note"] = note
     out.with_name(out.stem + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if args.baseline:
         (RESULTS / "baseline.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -20,7 +20,10 @@ from userpilot_sync.config.model import SyncJob
 from userpilot_sync.destination.factory import build_storage
 from userpilot_sync.destination.manifest import FileRecord, build_manifest, build_replacing_manifest, event_type_entry
 from userpilot_sync.destination.storage import Storage
+from userpilot_sync.destination.documented import write_documented
 from userpilot_sync.destination.writer import write_export, write_manifest
+from userpilot_sync.documented.day import DocumentedFile, compute_day_files, rebuild_deltas
+from userpilot_sync.documented.state import SnapshotStore, backend_for
 from userpilot_sync.errors import ValidationError
 from userpilot_sync.guards import DayCounts, check_accounting
 from userpilot_sync.export import PreparedExport, prepare_export
@@ -54,7 +57,7 @@ def extract_and_stage(job: SyncJob, days: list[date], staging_root: Path,
     try:
         extraction = source.extract(
             ExtractRequest(sync_job=job.name, app_token=job.app_token, start=start, end=end,
-                           event_types=job.event_types, work_dir=work)
+                           event_types=job.extract_event_types, work_dir=work)
         )
         return stage_days(extraction, sync_job=job.name, days=days, root=staging_root,
                           exclude_columns=job.filters.exclude_columns)
@@ -104,7 +107,8 @@ def day_counts(staged: StagedDay, prepared: dict[str, PreparedExport]) -> DayCou
 
 
 def manifest_for(job: SyncJob, staged: StagedDay, prepared: Iterable[PreparedExport], files: Iterable[FileRecord],
-                 run_id: str, superseded: Iterable[str] = (), deleted: Iterable[str] = ()) -> dict:
+                 run_id: str, superseded: Iterable[str] = (), deleted: Iterable[str] = (),
+                 documented: dict[str, DocumentedFile] | None = None) -> dict:
     """The manifest of one partition, from its staging record and its written exports.
 
     The one builder of manifests (the Dagster assets and :func:`sync_partition` both use it).
@@ -133,6 +137,7 @@ def manifest_for(job: SyncJob, staged: StagedDay, prepared: Iterable[PreparedExp
         partition=staged.partition, window_from=start, window_to=end, run_id=run_id,
         settings=job.settings_summary(), source=source, event_types=entries, files=files,
         superseded=superseded, deleted=deleted,
+        userpilot_files={name: doc.entry() for name, doc in (documented or {}).items()},
     )
 
 
@@ -169,11 +174,50 @@ def sync_partition(
     staged = extract_and_stage(job, [day], staging_root, source)[partition]
     prepared = prepare_day(job, staged)
     check_accounting(day_counts(staged, prepared))
+    documented: dict[str, DocumentedFile] = {}
+    if job.userpilot_files:
+        from userpilot_sync.source.lookups import lookups_for_job
+
+        features_events = None if job.source.kind == "files" else lookups_for_job(job, ("features_events",))["features_events"]
+        store = SnapshotStore(backend_for(job, staging_root), job.name, job.state.checkpoint_every_days)
+        documented, _ = compute_day_files(job, staged, prepared, store=store, carried=None,
+                                          features_events=features_events,
+                                          lookups_note="the sync job's source (local export files) has no lookups",
+                                          run_id=run_id)
     if replacing is not None:
         write_manifest(replacing_manifest_for(job, partition, run_id, replacing), job, storage)
     files: list[FileRecord] = []
     for p in prepared.values():
         files.extend(write_export(p, job, storage, staged.root / "write" / p.event_type).files)
-    manifest = manifest_for(job, staged, prepared.values(), files, run_id)
+    for name, doc in documented.items():
+        files.extend(write_documented(doc, job, partition, storage, staged.root / "write" / name,
+                                      taken={f.path for f in files}))
+    manifest = manifest_for(job, staged, prepared.values(), files, run_id, documented=documented)
     key = write_manifest(manifest, job, storage)
     return PartitionResult(manifest=manifest, manifest_key=key, files=files)
+
+
+def rebuild_snapshot_state(job: SyncJob, first: str, last: str, staging_root: Path, store: SnapshotStore, *,
+                           run_id: str, source: EventSource | None = None) -> None:
+    """Rebuild a lost snapshot state for the days ``first``..``last`` from the source's identify events.
+
+    One extraction (``event_type[]`` = identify_user/identify_company only; the app token's one
+    export job at a time still holds: the caller's step holds its pool slot), staged per day, each
+    day's deltas recorded in order (``rebuilt_from_identify_events``: ``last_event_at`` of those
+    days counts identify events only). Raises SourceError / ValidationError / StateError.
+    """
+    from datetime import timedelta
+
+    start, end = parse_partition(first), parse_partition(last)
+    days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
+    kinds = tuple(n for n in ("all_users", "all_companies") if n in job.userpilot_files)
+    only = job.model_copy(update={"userpilot_files": kinds,
+                                  "filters": job.filters.model_copy(update={"event_types": tuple(
+                                      {"all_users": "identify_user", "all_companies": "identify_company"}[n]
+                                      for n in kinds)})})
+    root = Path(staging_root) / ".rebuild"
+    staged = extract_and_stage(only, days, root, source)
+    try:
+        rebuild_deltas(only, [staged[d.isoformat()] for d in days], store, run_id=run_id)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -37,7 +37,7 @@ from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.destination.manifest import READABLE_STATUSES
 from userpilot_sync.faults import PAUSE_AT_ENV, PAUSE_DIR_ENV, POINTS
 from userpilot_sync.procs import process_alive
-from userpilot_sync_tests.fixtures_storage import free_port
+from userpilot_sync_tests.fixtures_storage import free_port, listens_on
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = "_manifest.json"
@@ -85,12 +85,14 @@ def write_sync_jobs(folder: Path, jobs: list[dict]) -> list[SyncJob]:
 def dagster_home(folder: Path, *, fast: bool = False) -> Path:
     """A fresh ``DAGSTER_HOME`` with ``deploy/dagster.yaml`` (pools limit 1, run monitoring on);
     ``fast``: run monitoring every second and a run queue that dequeues every second (for tests
-    of the daemon)."""
+    of the daemon). The start timeout stays the deployment's (180 s): a run process needs about
+    10 s of imports on idle cores, but several times that while the other pytest-xdist worker and
+    the other run processes share the 2 cores, and a run failed for a slow start never reaches its
+    pause point."""
     folder.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
     if fast:
-        config["run_monitoring"].update({"poll_interval_seconds": 1, "start_timeout_seconds": 60,
-                                         "cancel_timeout_seconds": 60})
+        config["run_monitoring"].update({"poll_interval_seconds": 1, "cancel_timeout_seconds": 60})
         config["run_coordinator"] = {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator",
                                      "config": {"dequeue_interval_seconds": 1}}
     (folder / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -385,6 +387,23 @@ def _reference_export(job: SyncJob, pk: str, folder: Path) -> Reference:
     return _REFERENCES[cache_key]
 
 
+# ------------------------------------------------------------------------------------ figures
+def figures_table(report: dict, path: Path) -> list[str]:
+    """The figures ``test_faults.py`` wrote to ``path`` as table lines (the same columns it prints
+    at the end of its module; under pytest-xdist the controller prints these, see ``conftest.py``)."""
+    lines = ["fault injection figures (" + str(path) + "):",
+             f"{'case':<34} {'kill point':<16} {'dest':<5} {'launcher':<8} {'re-run':<7} {'recovery s':>10} "
+             f"{'rows':>6} {'lost':>4} {'dup':>4}  leftovers at kill -> after re-run"]
+    for r in report.get("cases", []):
+        lines.append(
+            f"{r['case']:<34} {r['kill_point']:<16} {r['destination']:<5} {r['launcher']:<8} {r['rerun_by']:<7} "
+            f"{r['recovery_s']:>10.1f} {r['rows_expected']:>6} {r['rows_lost']:>4} {r['rows_duplicated']:>4}  "
+            f"{len(r['leftovers_at_kill'])} ({'; '.join(r['leftovers_at_kill']) or '-'}) -> "
+            f"{len(r['leftovers_after'])}")
+    lines.append(f"module wall time: {report.get('suite_wall_time_s', 0):.1f} s")
+    return lines
+
+
 # ------------------------------------------------------------------------------------ dagster dev
 @dataclass
 class DagsterDev:
@@ -465,6 +484,8 @@ class DagsterDev:
 
         if self.location is None:
             entry = self.wait("the code location loading", loaded, timeout)
+            # the webserver that answered is this dagster dev's, not one that took the port first
+            assert listens_on(self.proc.pid, self.port), f"port {self.port} is another process's\n{self.log_tail()}"
             assert entry["locationOrLoadError"]["__typename"] == "RepositoryLocation", entry
             self.location = entry["name"]
 

@@ -31,9 +31,32 @@ WRITE_PREFIX = "userpilot_events"
 
 
 def free_port() -> int:
+    """A loopback port that is free now (the kernel's choice). For a server started in another
+    process the port is only reserved once that process binds it: check with :func:`listens_on`."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` or one of its descendants listens on TCP ``port``: the server that
+    answers there is the one the test started, not another test run's (or xdist worker's) that
+    took the port between :func:`free_port` and the bind."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------- proxy
@@ -256,24 +279,40 @@ class FakeGcs:
         return name
 
 
-@pytest.fixture(scope="module")
-def fake_gcs():
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [str(fake_gcs_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
-         "-log-level", "warn", "-external-url", endpoint],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+def _start_fake_gcs() -> tuple[subprocess.Popen, str]:
+    """fake-gcs-server on a free loopback port, once it answers. The port is free when chosen but the
+    binary binds it a moment later, when another process (a second xdist worker, another test run)
+    may have taken it: then the server exits at once and is started again on another port."""
+    for attempt in range(3):
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(
+            [str(fake_gcs_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
+             "memory", "-log-level", "warn", "-external-url", endpoint],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while True:
             try:
                 urllib.request.urlopen(f"{endpoint}/storage/v1/b", timeout=1).read()
+                if listens_on(proc.pid, port):
+                    return proc, endpoint
+                proc.wait(timeout=5)  # another server answered there: ours could not bind and exits
                 break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
+            except (OSError, subprocess.TimeoutExpired):
+                if proc.poll() is not None:
+                    break  # e.g. the port was taken in between: try another one
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
                     raise RuntimeError("fake-gcs-server did not start")
                 time.sleep(0.05)
+    raise RuntimeError(f"fake-gcs-server did not start (exit code {proc.returncode}, {attempt + 1} ports tried)")
+
+
+@pytest.fixture(scope="module")
+def fake_gcs():
+    proc, endpoint = _start_fake_gcs()
+    try:
         yield FakeGcs(endpoint=endpoint)
     finally:
         proc.terminate()

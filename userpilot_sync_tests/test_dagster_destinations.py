@@ -20,6 +20,9 @@ from userpilot_sync.schema.events import EVENT_TYPES
 from userpilot_sync_tests.fixtures_core import make_job, run_sync
 from userpilot_sync_tests.fixtures_storage import WRITE_PREFIX, RecordingProxy
 
+#: Userpilot's documented files the demo sync job writes by default (userpilot_files).
+DOCUMENTED = ("all_users", "all_companies", "feature_tags_breakdown", "feature_tags_definitions")
+
 pytestmark = pytest.mark.integration
 PK = last_complete_days(1)[0].isoformat()
 
@@ -55,7 +58,8 @@ def test_s3_partition_through_dagster_with_write_only_key(moto_s3, tmp_path, req
             admin = moto_s3.client("admin")
             keys = sorted(o["Key"] for o in admin.list_objects_v2(Bucket=bucket)["Contents"])
             folder = f"{WRITE_PREFIX}/{job.sync_folder}/{PK}"
-            assert keys == sorted([f"{folder}/{et}.parquet" for et in EVENT_TYPES] + [f"{folder}/_manifest.json"])
+            assert keys == sorted([f"{folder}/{n}.parquet" for n in (*EVENT_TYPES, *DOCUMENTED)]
+                                  + [f"{folder}/_manifest.json"])
             manifest = json.loads(admin.get_object(Bucket=bucket, Key=f"{folder}/_manifest.json")["Body"].read())
             for f in manifest["files"]:
                 body = admin.get_object(Bucket=bucket, Key=f"{WRITE_PREFIX}/{job.sync_folder}/{f['path']}")["Body"].read()
@@ -70,7 +74,7 @@ def test_s3_partition_through_dagster_with_write_only_key(moto_s3, tmp_path, req
                 assert "userpilot/generations" not in md  # GCS only
             manifest_md = _records(instance, "manifest")[0].asset_materialization.metadata
             assert manifest_md["dagster/uri"].value == f"s3://{bucket}/{folder}/_manifest.json"
-            assert manifest_md["files"].value == len(manifest["files"]) == len(EVENT_TYPES)
+            assert manifest_md["files"].value == len(manifest["files"]) == len(EVENT_TYPES) + len(DOCUMENTED)
 
             # the destination is fixed: another bucket fails before anything is written there
             other = moto_s3.create_bucket(bucket + "-new")
@@ -107,7 +111,8 @@ def test_gcs_reexport_uses_recorded_generations(fake_gcs, tmp_path, request, mon
             blobs = {b.name: b.generation for b in fake_gcs.client().list_blobs(bucket)}
             # each day's own record: {object key: generation} of exactly the objects it wrote
             first_generations = {}
-            for asset, name in [*((et, f"{et}.parquet") for et in EVENT_TYPES), ("manifest", "_manifest.json")]:
+            for asset, name in [*((n, f"{n}.parquet") for n in (*EVENT_TYPES, *DOCUMENTED)),
+                                ("manifest", "_manifest.json")]:
                 md = _records(instance, asset)[0].asset_materialization.metadata
                 generations = md["userpilot/generations"].value
                 assert generations == {f"{folder}/{name}": blobs[f"{folder}/{name}"]}, asset
@@ -127,7 +132,7 @@ def test_gcs_reexport_uses_recorded_generations(fake_gcs, tmp_path, request, mon
             else:
                 assert second.success, failure_messages(second)
                 recorded = set()
-                for asset in [*EVENT_TYPES, "manifest"]:
+                for asset in [*EVENT_TYPES, *DOCUMENTED, "manifest"]:
                     newest, older = _records(instance, asset)[:2]
                     assert older.run_id == first.run_id and newest.run_id == second.run_id
                     recorded |= {str(g) for g in older.asset_materialization.metadata["userpilot/generations"].value.values()}
@@ -138,7 +143,7 @@ def test_gcs_reexport_uses_recorded_generations(fake_gcs, tmp_path, request, mon
                 manifest_key = f"{folder}/_manifest.json"
                 names = [next(n for n in [*blobs, "?"] if n == "?" or f'"name": "{n}"'.encode() in r.body
                               or f'"name":"{n}"'.encode() in r.body) for r in uploads]
-                assert len(uploads) == len(EVENT_TYPES) + 2
+                assert len(uploads) == len(EVENT_TYPES) + len(DOCUMENTED) + 2
                 assert names[0] == names[-1] == manifest_key and manifest_key not in names[1:-1]
                 assert {r.query["ifGenerationMatch"][0] for r in uploads[:-1]} == recorded == {str(g) for g in blobs.values()}
                 assert uploads[0].query["ifGenerationMatch"] == [str(blobs[manifest_key])]
@@ -147,7 +152,7 @@ def test_gcs_reexport_uses_recorded_generations(fake_gcs, tmp_path, request, mon
                 assert set(after) == set(blobs) and all(after[k] != blobs[k] for k in blobs)
                 # the second run recorded the new generations (the next re-export's preconditions)
                 newest = {}
-                for asset in [*EVENT_TYPES, "manifest"]:
+                for asset in [*EVENT_TYPES, *DOCUMENTED, "manifest"]:
                     newest.update(_records(instance, asset)[0].asset_materialization.metadata["userpilot/generations"].value)
                 assert newest == after
     finally:

@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 
 from userpilot_sync.config.loader import load_sync_jobs
+from userpilot_sync.config.model import DEFAULT_USERPILOT_FILES
 from userpilot_sync.defs.keys import SyncJobKeys
 from userpilot_sync.defs.partitions import sync_window_partitions
 from userpilot_sync.defs.project import build_definitions
@@ -20,7 +21,8 @@ from userpilot_sync_tests.fixtures_core import make_job, run_sync
 
 REPO = Path(__file__).resolve().parents[1]
 PK = last_complete_days(1)[0].isoformat()  # yesterday (UTC): always inside the window
-DAY_KEYS = {"demo/raw_events", "demo/manifest", *(f"demo/{et}" for et in EVENT_TYPES)}
+DOCUMENTED_KEYS = {f"demo/{name}" for name in DEFAULT_USERPILOT_FILES}
+DAY_KEYS = {"demo/raw_events", "demo/manifest", *(f"demo/{et}" for et in EVENT_TYPES), *DOCUMENTED_KEYS}
 
 
 def test_shipped_definitions_load():
@@ -56,9 +58,14 @@ def test_assets_carry_kinds_owners_descriptions_and_lineage(tmp_path):
         assert isinstance(spec.partitions_def, dg.DynamicPartitionsDefinition), key
         assert spec.partitions_def.name == "userpilot_days_demo"
     manifest = graph.get(keys.manifest)
-    assert manifest.parent_keys == {dg.AssetKey(["demo", et]) for et in EVENT_TYPES}
+    assert manifest.parent_keys == {dg.AssetKey(["demo", et]) for et in EVENT_TYPES} | set(keys.documented_files.values())
     for et in EVENT_TYPES:
         assert graph.get(dg.AssetKey(["demo", et])).parent_keys == {keys.raw_events}
+    # lineage of Userpilot's documented files: what each is computed from
+    assert graph.get(keys.documented("all_users")).parent_keys == {keys.raw_events, keys.export("identify_user")}
+    assert graph.get(keys.documented("all_companies")).parent_keys == {keys.raw_events, keys.export("identify_company")}
+    assert graph.get(keys.documented("feature_tags_breakdown")).parent_keys == {keys.export("track_feature")}
+    assert graph.get(keys.documented("feature_tags_definitions")).parent_keys == set()
     # a day is one unit: one multi-asset, not subsettable, holding every day asset and check
     day = defs.resolve_assets_def(keys.raw_events)
     assert day.op.name == "demo_day"
@@ -71,6 +78,8 @@ def test_assets_carry_kinds_owners_descriptions_and_lineage(tmp_path):
         dg.AssetCheckKey(keys.manifest, "day_exported"),
         *(dg.AssetCheckKey(k, "known_values") for k in keys.exports.values()),
         *(dg.AssetCheckKey(k, "expected_volume") for k in keys.exports.values()),
+        dg.AssetCheckKey(keys.documented("all_users"), "snapshot_current"),
+        dg.AssetCheckKey(keys.documented("all_companies"), "snapshot_current"),
     }
 
 
@@ -134,7 +143,10 @@ def test_materialize_partition_records_metadata_and_manifest(tmp_path):
         assert track["bytes"].value == next(f["bytes"] for f in manifest["files"] if f["event_type"] == "track")
         manifest_md = mats["demo/manifest"].metadata
         assert manifest_md["dagster/uri"].value == manifest_path.as_uri()
-        assert manifest_md["dagster/row_count"].value == 3000 and manifest_md["files"].value == 7
+        assert manifest_md["dagster/row_count"].value == 3000 and manifest_md["files"].value == 7 + len(DOCUMENTED_KEYS)
+        users = mats["demo/all_users"].metadata  # a documented file's own record of the day
+        assert users["dagster/row_count"].value == manifest["userpilot_files"]["all_users"]["rows"] > 0
+        assert users["userpilot/status"].value == "exported" and users["history_start"].value == PK
         raw = mats["demo/raw_events"].metadata
         assert raw["rows_received"].value == raw["dagster/row_count"].value == 3000
         # one evaluation per check and asset, each for the day
@@ -148,7 +160,7 @@ def test_materialize_partition_records_metadata_and_manifest(tmp_path):
         [empty] = by_check["not_unexpectedly_empty"]
         assert empty.passed and empty.metadata["rows_received"].value == 3000
         [exported] = by_check["day_exported"]
-        assert exported.passed and exported.metadata["rows"].value == 3000 and exported.metadata["files"].value == 7
+        assert exported.passed and exported.metadata["rows"].value == 3000 and exported.metadata["files"].value == 7 + len(DOCUMENTED_KEYS)
         # staging of the partition is removed once its manifest is written
         assert not (tmp_path / "staging" / "demo" / PK).exists()
 
@@ -280,8 +292,11 @@ def test_empty_day_after_a_non_empty_one_is_a_warning(tmp_path):
         assert check.partition == second.isoformat()
         assert check.metadata["rows_received"].value == 0 and check.metadata["previous_day_rows"].value == 300
     manifest = json.loads((_folder(job, second.isoformat()) / "_manifest.json").read_text())
-    assert manifest["source"]["source_rows"] == 0 and len(manifest["files"]) == 7
-    assert all(f["rows"] == 0 for f in manifest["files"])
+    events = [f for f in manifest["files"] if "file" not in f]
+    assert manifest["source"]["source_rows"] == 0 and len(events) == 7
+    assert all(f["rows"] == 0 for f in events)
+    # the day's snapshots still list everyone identified the day before
+    assert manifest["userpilot_files"]["all_users"]["rows"] > 0
 
 
 def test_dg_check_defs_passes():

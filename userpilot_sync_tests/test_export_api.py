@@ -122,8 +122,11 @@ def test_request_body_carries_window_event_types_and_format(tmp_path, emulator, 
     _run(job, tmp_path, fake_clock)
     (create,) = [r for r in emulator.requests_to("api") if r.method == "POST"]
     body = json.loads(create.body)
+    # the selected event types plus those the documented files need (snapshots: identify_*;
+    # feature-tag breakdown: track_feature)
     assert body == {"from": "2026-03-09T00:00:00Z", "to": "2026-03-10T00:00:00Z",
-                    "event_type": ["interaction", "track"], "format": "ndjson"}
+                    "event_type": ["identify_user", "identify_company", "interaction", "track", "track_feature"],
+                    "format": "ndjson"}
     assert create.headers["Content-Type"] == "application/json"
     assert set(rows_by_event_type(read_manifest(job))) == {"interaction", "track"}
 
@@ -374,8 +377,12 @@ def test_zero_chunks_is_a_valid_empty_day(tmp_path, emulator, fake_clock):
     _run(job, tmp_path, fake_clock)
     manifest = read_manifest(job)
     assert manifest["source"]["source_rows"] == 0 and manifest["source"]["chunks"] == 0
-    assert manifest["files"] and all(f["rows"] == 0 for f in manifest["files"])
+    events = [f for f in manifest["files"] if "file" not in f]  # the lookups' definitions have rows
+    assert events and all(f["rows"] == 0 for f in events)
     assert set(manifest["event_types"]) == set(job.event_types)
+    assert manifest["userpilot_files"]["all_users"] == {"status": "empty", "rows": 0, "reason": manifest[
+        "userpilot_files"]["all_users"]["reason"], "history_start": PARTITION, "previous_day": None,
+        "state_chain": manifest["userpilot_files"]["all_users"]["state_chain"]}
     assert emulator.requests_to("storage") == []
 
 
@@ -386,7 +393,7 @@ def test_empty_chunks_are_a_valid_empty_day(tmp_path, emulator, fake_clock, chun
     _run(job, tmp_path, fake_clock)
     manifest = read_manifest(job)
     assert manifest["source"]["source_rows"] == 0 and manifest["source"]["chunks"] == 3
-    assert all(f["rows"] == 0 for f in manifest["files"])
+    assert all(f["rows"] == 0 for f in manifest["files"] if "file" not in f)
 
 
 def test_an_app_without_events_gives_an_empty_day(tmp_path, emulator, fake_clock):

@@ -37,7 +37,8 @@ def test_demo_definitions_name_every_demo_id():
             assert (entity, entity_id) in pairs, (entity, entity_id)
     features = demo_lookup_table("features_events").to_pylist()
     assert {r["id"]: r["name"] for r in features if r["type"] == "feature_tag"} == FEATURE_TAGS
-    assert {r["id"] for r in features if r["type"] == "tracked_event"} == set(TRACK_EVENTS)
+    assert {r["id"] for r in features if r["type"] in ("tracked_event", "labeled_event")} == set(TRACK_EVENTS)
+    assert {r["id"] for r in features if r["type"] == "labeled_event"} == {"Signed Up", "Upgraded Plan"}
     for kind in LOOKUP_KINDS:
         table = demo_lookup_table(kind)
         assert table.schema == lookup_arrow_schema(kind) and table.num_rows > 0

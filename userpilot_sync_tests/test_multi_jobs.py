@@ -13,6 +13,9 @@ from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import last_complete_days
 from userpilot_sync.pipeline import sync_partition
 from userpilot_sync.schema.events import EVENT_TYPES
+
+#: Userpilot's documented files every sync job writes by default (userpilot_files).
+DOCUMENTED = ("all_users", "all_companies", "feature_tags_breakdown", "feature_tags_definitions")
 from userpilot_sync_tests.fixtures_core import NOW, PARTITION, make_job, run_sync
 
 PK = last_complete_days(1)[0].isoformat()  # yesterday (UTC): inside the window of a real run
@@ -64,7 +67,8 @@ def test_two_sync_jobs_load_side_by_side(tmp_path):
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     for job in (a, b):
         own = {k for k in keys if k.startswith(f"{job.name}/")}
-        day = {f"{job.name}/raw_events", f"{job.name}/manifest", *(f"{job.name}/{et}" for et in job.event_types)}
+        day = {f"{job.name}/raw_events", f"{job.name}/manifest", *(f"{job.name}/{et}" for et in job.event_types),
+               *(f"{job.name}/{name}" for name in DOCUMENTED)}
         assert own == day | {f"{job.name}/lookups"}
         # a day's assets are one group (and one step); the lookups have their own group
         for key in day:
@@ -129,8 +133,11 @@ def test_two_sync_jobs_in_one_folder_do_not_interfere_and_sync_back_replaces_in_
     assert manifest_a["sync_job"] == "acme_prod" and manifest_b["sync_job"] == "acme_eu"
     assert manifest_b["run_id"] == run_b.run_id
     # each manifest lists exactly its own files (paths relative to its own sync folder)
-    assert {f["path"] for f in manifest_a["files"]} == {f"{PK}/{et}.parquet" for et in EVENT_TYPES}
-    assert {f["path"] for f in manifest_b["files"]} == {f"{et}/date={PK}/part-00000.ndjson.gz" for et in EVENT_TYPES}
+    assert {f["path"] for f in manifest_a["files"]} == {f"{PK}/{n}.parquet" for n in (*EVENT_TYPES, *DOCUMENTED)}
+    assert {f["path"] for f in manifest_b["files"]} == {f"{n}/date={PK}/part-00000.ndjson.gz"
+                                                        for n in (*EVENT_TYPES, *DOCUMENTED)}
+    # each sync job keeps its own snapshot state (same app, separate stores)
+    assert {p.name for p in (tmp_path / "staging" / "_state").iterdir()} == {"acme_prod", "acme_eu"}
     assert set(_snapshot(_sync_root(a))) == {f["path"] for f in manifest_a["files"]} | {f"{PK}/_manifest.json"}
     assert set(_snapshot(_sync_root(b))) == {f["path"] for f in manifest_b["files"]} | {f"_manifests/date={PK}/_manifest.json"}
     # same generator, same app: both exported the same rows, each into its own files
@@ -141,7 +148,7 @@ def test_two_sync_jobs_in_one_folder_do_not_interfere_and_sync_back_replaces_in_
     after_a = _snapshot(_sync_root(a))
     assert set(after_a) == set(before_a)
     data = [p for p in before_a if not p.endswith("_manifest.json")]
-    assert len(data) == len(EVENT_TYPES)
+    assert len(data) == len(EVENT_TYPES) + len(DOCUMENTED)
     assert {p: after_a[p] for p in data} == {p: before_a[p] for p in data}
     assert (manifest_a_before["run_id"], manifest_a["run_id"]) == (first_a.run_id, again_a.run_id)
     assert manifest_a["files"] == manifest_a_before["files"]
@@ -158,7 +165,8 @@ def test_core_exports_of_two_sync_jobs_are_independent(tmp_path, staging_root):
     assert sorted(p.name for p in (tmp_path / "lake" / "same_prefix").iterdir()) == [
         "userpilot_datasync_13214_NX-shared01", "userpilot_datasync_13215_NX-shared01"]
     assert all(not f["path"].startswith("..") for f in result_b.manifest["files"])
-    assert {f["path"] for f in result_b.manifest["files"]} == {f"{PARTITION}/{et}.parquet" for et in EVENT_TYPES}
+    assert {f["path"] for f in result_b.manifest["files"]} == {f"{PARTITION}/{n}.parquet"
+                                                               for n in (*EVENT_TYPES, *DOCUMENTED)}
 
 
 # ------------------------------------------------------------------------------ editable settings
@@ -190,7 +198,7 @@ def test_changed_formats_and_fewer_parts_are_superseded_not_deleted(tmp_path):
     assert second["settings"]["formats"] == ["parquet/snappy"]
     assert second["settings"]["max_file_rows"] is None
     new_files = {f["path"] for f in second["files"]}
-    assert new_files == {f"{PK}/{et}.parquet" for et in EVENT_TYPES}
+    assert new_files == {f"{PK}/{n}.parquet" for n in (*EVENT_TYPES, *DOCUMENTED)}
     assert {f["compression"] for f in second["files"]} == {"snappy"}
     # every file of the first export that the second no longer produces is named as superseded
     assert second["superseded"] == sorted(old_files - new_files)

@@ -121,7 +121,9 @@ def test_materializing_part_of_an_exported_day_is_refused_before_a_run(tmp_path,
     everything = ",".join(["demo/raw_events", "demo/manifest", *(f"demo/{et}" for et in
                                                                  ("identify_user", "identify_company", "interaction",
                                                                   "track", "track_feature", "page_view",
-                                                                  "session_start"))])
+                                                                  "session_start")),
+                           *(f"demo/{name}" for name in ("all_users", "all_companies", "feature_tags_breakdown",
+                                                         "feature_tags_definitions"))])
     first = _dagster(["asset", "materialize", "--select", everything, "--partition", pk], env)
     assert first.returncode == 0, first.stderr[-3000:]
     manifest_path = tmp_path / "exports" / "userpilot_events" / "userpilot_datasync_10001_NX-demo0001" / pk / "_manifest.json"

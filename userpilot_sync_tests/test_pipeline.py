@@ -33,18 +33,21 @@ def test_partition_exports_match_generator_counts_and_manifest(tmp_path, demo_jo
     expected = DemoSource(demo_job.app_token, 3000, 7).expected_counts(DAY)
     folder = _day_folder(demo_job)
     names = sorted(p.name for p in folder.iterdir())
-    assert names == sorted([f"{et}.parquet" for et in EVENT_TYPES] + ["_manifest.json"])
+    documented = ["all_users", "all_companies", "feature_tags_breakdown", "feature_tags_definitions"]
+    assert names == sorted([f"{et}.parquet" for et in EVENT_TYPES] + [f"{n}.parquet" for n in documented]
+                           + ["_manifest.json"])
     manifest = json.loads((folder / "_manifest.json").read_text())
     assert manifest == result.manifest
     assert rows_by_event_type(manifest) == {et: expected[et] for et in EVENT_TYPES}
     assert manifest["source"]["source_rows"] == 3000
     assert manifest["source"]["rows_outside_window"] == 0
-    assert len(manifest["files"]) == 7
+    assert len(manifest["files"]) == 7 + len(documented)
     for entry in manifest["files"]:
         path = folder.parent / entry["path"]
         assert entry["sha256"] == _sha256(path)
         assert entry["bytes"] == path.stat().st_size
-        assert entry["rows"] == pq.ParquetFile(path).metadata.num_rows == expected[entry["event_type"]]
+        rows = expected[entry["event_type"]] if "file" not in entry else manifest["userpilot_files"][entry["file"]]["rows"]
+        assert entry["rows"] == pq.ParquetFile(path).metadata.num_rows == rows
     assert manifest["window"] == {"from": "2026-03-09T00:00:00+00:00", "to": "2026-03-10T00:00:00+00:00"}
     assert manifest["manifest_version"] == 2 and manifest["partition"] == PARTITION
     assert manifest["status"] == "complete" and "3000 rows exported in 7 of 7 event types" in manifest["status_reason"]
@@ -128,7 +131,12 @@ def _export_other_day(tmp_path, staging_root) -> dict[str, str]:
 def test_files_source_gives_same_exports_as_demo(tmp_path, staging_root):
     demo = sync_partition(make_job(tmp_path / "a"), PARTITION, staging_root / "a", now=NOW)
     files = sync_partition(_files_job(tmp_path / "b", _chunks(tmp_path)), PARTITION, staging_root / "b", now=NOW)
-    assert demo.manifest["files"] == files.manifest["files"]
+    # the same events give the same files; only what the lookups add differs (a files source has
+    # none: no definitions file, breakdown names null)
+    from_lookups = {"feature_tags_breakdown", "feature_tags_definitions"}
+    assert [f for f in demo.manifest["files"] if f.get("file") not in from_lookups] == \
+        [f for f in files.manifest["files"] if f.get("file") not in from_lookups]
+    assert files.manifest["userpilot_files"]["feature_tags_definitions"]["status"] == "absent"
 
 
 def test_rows_outside_the_day_are_counted_not_exported(tmp_path, staging_root):

@@ -193,7 +193,7 @@ def test_gcs_partial_failure_keeps_generations_for_the_next_run(fake_gcs, tmp_pa
             again = _run(defs, instance, resources=short)  # must use the generations of the 3 overwritten objects
             assert again.success, failure_messages(again)
             names = {b.name for b in fake_gcs.client().list_blobs(bucket)}
-            assert len(names) == 8
+            assert len(names) == 12  # 7 event types, 4 documented files, the manifest
     finally:
         proxy.close()
 

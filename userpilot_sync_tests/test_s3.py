@@ -78,13 +78,16 @@ def test_partition_lands_with_write_only_key(moto_s3, proxy, tmp_path, request):
     stored = objects(moto_s3, bucket)
     expected = {layout.key(f.path) for f in result.files} | {result.manifest_key}
     assert set(stored) == expected
-    assert len(result.files) == 7
+    # 7 event types + all_users, all_companies, feature_tags_breakdown, feature_tags_definitions
+    assert len(result.files) == 11
+    assert sorted(f.file for f in result.files if f.file) == ["all_companies", "all_users", "feature_tags_breakdown",
+                                                              "feature_tags_definitions"]
     for f in result.files:
         body = stored[layout.key(f.path)]
         assert len(body) == f.bytes
         assert hashlib.sha256(body).hexdigest() == f.sha256
     manifest = json.loads(stored[result.manifest_key])
-    assert manifest["partition"] == PARTITION and len(manifest["files"]) == 7
+    assert manifest["partition"] == PARTITION and len(manifest["files"]) == 11
     # manifest written last
     puts = [r.path for r in proxy.log if r.method == "PUT"]
     assert puts[-1].endswith("/_manifest.json")

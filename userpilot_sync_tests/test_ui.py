@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 REPOSITORY = "__repository__"
 EVENT_TYPES = ("identify_user", "identify_company", "interaction", "track", "track_feature", "page_view",
                "session_start")
-DAY_ASSETS = ("raw_events", *EVENT_TYPES, "manifest")
+DOCUMENTED = ("all_users", "all_companies", "feature_tags_breakdown", "feature_tags_definitions")
+DAY_ASSETS = ("raw_events", *EVENT_TYPES, *DOCUMENTED, "manifest")
+DAY_FILES = len(EVENT_TYPES) + len(DOCUMENTED)  # files of a day in the demo's one format
 SYNC_FOLDER = Path("userpilot_events") / "userpilot_datasync_10001_NX-demo0001"
 EVENTS_PER_DAY = 5000  # sync_jobs/demo.yaml
 
@@ -254,7 +256,9 @@ def test_assets_lineage_and_automation(dagster_dev):
     assert deps["demo/raw_events"] == set()
     for et in EVENT_TYPES:
         assert deps[f"demo/{et}"] == {"demo/raw_events"}, et
-    assert deps["demo/manifest"] == {f"demo/{et}" for et in EVENT_TYPES}
+    assert deps["demo/manifest"] == {f"demo/{a}" for a in (*EVENT_TYPES, *DOCUMENTED)}
+    assert deps["demo/all_users"] == {"demo/raw_events", "demo/identify_user"}
+    assert deps["demo/feature_tags_breakdown"] == {"demo/track_feature"}
     assert deps["demo/lookups"] == set()
 
     checks = _gql(url, """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
@@ -280,7 +284,9 @@ def test_assets_lineage_and_automation(dagster_dev):
         {"sel": _repo_selector(dagster_dev)},
     )["sensorsOrError"]["results"]
     assert {(s["name"], s["sensorState"]["status"]) for s in sensors} == {
-        ("userpilot_partition_window", "RUNNING"), ("userpilot_run_recovery", "RUNNING")}
+        ("userpilot_partition_window", "RUNNING"), ("userpilot_run_recovery", "RUNNING"),
+        # recomputes stale snapshots even while the demo's schedules are stopped (it only acts on re-exports)
+        ("userpilot_snapshots_demo", "RUNNING")}
 
 
 @pytest.mark.integration
@@ -307,8 +313,9 @@ def test_materialize_one_day(dagster_dev, window):
 
     doc = _manifest(dagster_dev, DAY)
     assert doc["run_id"] == run_id and doc["partition"] == DAY
-    assert len(doc["files"]) == 7
+    assert len(doc["files"]) == DAY_FILES
     assert set(doc["event_types"]) == set(EVENT_TYPES)
+    assert doc["userpilot_files"]["all_users"]["status"] == "complete"
     assert sum(rows_by_event_type(doc).values()) == EVENTS_PER_DAY
 
     mat = _materialization(dagster_dev, "track", DAY)
@@ -328,7 +335,7 @@ def test_materialize_one_day(dagster_dev, window):
     assert e["status"] == "SUCCEEDED" and e["partition"] == DAY
     assert e["evaluation"]["success"] is True and e["evaluation"]["partition"] == DAY
     assert e["evaluation"]["metadata"]["rows"] == EVENTS_PER_DAY
-    assert e["evaluation"]["metadata"]["files"] == 7
+    assert e["evaluation"]["metadata"]["files"] == DAY_FILES
 
 
 @pytest.mark.integration
@@ -396,7 +403,7 @@ def test_three_day_asset_backfill_is_one_ranged_run(dagster_dev, window):
     range_track_rows = sum(rows_by_event_type(m)["track"] for m in manifests.values())
     for pk, doc in manifests.items():
         assert doc["run_id"] == run_id and doc["partition"] == pk
-        assert len(doc["files"]) == 7 and set(doc["event_types"]) == set(EVENT_TYPES)
+        assert len(doc["files"]) == DAY_FILES and set(doc["event_types"]) == set(EVENT_TYPES)
         mat = _materialization(dagster_dev, "track", pk)
         assert mat["runId"] == run_id and mat["partition"] == pk
         meta = mat["metadata"]

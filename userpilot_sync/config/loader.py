@@ -264,7 +264,8 @@ def load_sync_job_file(path: Path, base: Path | None = None) -> SyncJob:
 
 
 def resolve_paths(job: SyncJob, base: Path) -> SyncJob:
-    """Make a local destination's ``path`` and a files source's ``path`` absolute.
+    """Make a local destination's ``path``, a files source's ``path`` and a local state store's
+    ``path`` absolute.
 
     Relative paths are relative to ``base``, the project folder (the parent of the sync-jobs
     folder), never to the working directory: the destination of a sync job must not depend on
@@ -277,6 +278,9 @@ def resolve_paths(job: SyncJob, base: Path) -> SyncJob:
     src = job.source
     if src.kind == "files" and not Path(src.path).is_absolute():
         update["source"] = src.model_copy(update={"path": str((base / src.path).resolve())})
+    state = job.state
+    if state.kind == "local" and state.path and not Path(state.path).is_absolute():
+        update["state"] = state.model_copy(update={"path": str((base / state.path).resolve())})
     return job.model_copy(update=update) if update else job
 
 

@@ -196,8 +196,21 @@ def _folder_path(v: str) -> str:
     return v
 
 
+def _s3_bucket(v: str) -> str:
+    if not _BUCKET_S3.match(v) or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", v):
+        raise ValueError(f"{v!r} is not a valid S3 bucket name (3-63 lower-case letters, digits, '.', '-')")
+    return v
+
+
+def _gcs_bucket(v: str) -> str:
+    if not _BUCKET_GCS.match(v) or ".." in v or v.startswith("goog"):
+        raise ValueError(f"{v!r} is not a valid GCS bucket name")
+    return v
+
+
 class _Destination(_Model):
-    """What every destination has: the key ``prefix`` under which the sync folder lives."""
+    """What every destination (and object-store state store) has: the key ``prefix`` under which
+    its objects live."""
 
     prefix: str = ""
 
@@ -249,9 +262,7 @@ class S3Destination(_Destination):
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, v: str) -> str:
-        if not _BUCKET_S3.match(v) or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", v):
-            raise ValueError(f"{v!r} is not a valid S3 bucket name (3-63 lower-case letters, digits, '.', '-')")
-        return v
+        return _s3_bucket(v)
 
     @field_validator("endpoint_url", "sts_endpoint_url")
     @classmethod
@@ -305,9 +316,7 @@ class GcsDestination(_Destination):
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, v: str) -> str:
-        if not _BUCKET_GCS.match(v) or ".." in v or v.startswith("goog"):
-            raise ValueError(f"{v!r} is not a valid GCS bucket name")
-        return v
+        return _gcs_bucket(v)
 
     def fingerprint(self) -> dict:
         return {"kind": self.kind, "bucket": self.bucket, "project": self.project or "",
@@ -395,6 +404,78 @@ class FormatSpec(_Model):
     @property
     def label(self) -> str:
         return f"{self.format}/{self.compression}"
+
+
+# ---------------------------------------------------------------------------------- documented files
+#: Userpilot's documented files beyond the event-type exports a sync job can write per day
+#: (Userpilot Data Sync documentation, "bucket layout"), in documented order.
+USERPILOT_FILES = ("all_users", "all_companies", "feature_tags_breakdown", "feature_tags_definitions",
+                   "track_feature_per_tag", "track_labeled_per_label")
+#: Written unless the sync job lists ``userpilot_files`` itself (the per-tag/label files are opt-in).
+DEFAULT_USERPILOT_FILES = USERPILOT_FILES[:4]
+
+
+class _StateStore(_Model):
+    """Where the exporter keeps the state behind ``all_users``/``all_companies`` (never the
+    destination: it is write-only). Readable and writable by the exporter alone."""
+
+    #: A full state is kept for every this many days (plus the newest day): a re-export of an
+    #: older day replays the per-day changes from the nearest one. Bounds disk use.
+    checkpoint_every_days: int = Field(30, ge=1, le=MAX_WINDOW_DAYS)
+
+
+class LocalStateStore(_StateStore):
+    """A local folder; ``path`` None = ``_state/`` in the staging root (``.staging/_state``)."""
+
+    kind: Literal["local"] = "local"
+    path: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return None if v is None else _folder_path(v)
+
+
+class S3StateStore(_StateStore, _Destination):
+    """An S3 prefix the exporter may read, write, list and delete (credentials: the AWS chain)."""
+
+    kind: Literal["s3"] = "s3"
+    bucket: str
+    region: str | None = None
+    endpoint_url: str | None = None
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        return _s3_bucket(v)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _https(cls, v: str | None) -> str | None:
+        return _https_or_loopback(v)
+
+
+class GcsStateStore(_StateStore, _Destination):
+    """A GCS prefix the exporter may read, write, list and delete (credentials: Google ADC or
+    the service-account file named by ``credentials_file_env``)."""
+
+    kind: Literal["gcs"] = "gcs"
+    bucket: str
+    project: str | None = None
+    credentials_file_env: str | None = None
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        return _gcs_bucket(v)
+
+    @field_validator("credentials_file_env")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        return _env_var_name(v)
+
+
+StateStore = Annotated[Union[LocalStateStore, S3StateStore, GcsStateStore], Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -636,6 +717,10 @@ class SyncJob(_Model):
     checks: ChecksSettings = Field(default_factory=ChecksSettings)
     #: Where failures, late days, failed checks and exports are announced (webhook, Slack, SNS).
     notifications: tuple[Notification, ...] = ()
+    #: Userpilot's documented files written with every exported day (see USERPILOT_FILES).
+    userpilot_files: tuple[Literal[USERPILOT_FILES], ...] = DEFAULT_USERPILOT_FILES  # type: ignore[valid-type]
+    #: Where the state of the user and company snapshots lives (not the destination).
+    state: StateStore = Field(default_factory=LocalStateStore)
     #: Where this job was read from (set by the loader, for error messages).
     source_file: str | None = Field(None, exclude=True)
 
@@ -684,6 +769,12 @@ class SyncJob(_Model):
         if dupes:
             raise ValueError(f"format(s) {dupes} listed twice; each format is written once per export")
         return v
+
+    @field_validator("userpilot_files")
+    @classmethod
+    def _userpilot_files(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # documented order, repeats dropped: the same list always means the same files
+        return tuple(f for f in USERPILOT_FILES if f in set(v))
 
     @field_validator("notifications")
     @classmethod
@@ -736,6 +827,22 @@ class SyncJob(_Model):
         return self.filters.event_types
 
     @property
+    def extract_event_types(self) -> tuple[str, ...]:
+        """Event types the extraction asks for: the exported ones plus those the documented files
+        need (identify_* for the snapshots, track_feature for feature tags, track for labels)."""
+        needed = set(self.event_types)
+        files = set(self.userpilot_files)
+        if "all_users" in files:
+            needed.add("identify_user")
+        if "all_companies" in files:
+            needed.add("identify_company")
+        if files & {"feature_tags_breakdown", "track_feature_per_tag"}:
+            needed.add("track_feature")
+        if "track_labeled_per_label" in files:
+            needed.add("track")
+        return tuple(e for e in EVENT_TYPES if e in needed)
+
+    @property
     def pool(self) -> str:
         """Dagster pool that serialises export jobs of one app token (limit 1)."""
         return "userpilot_export_" + re.sub(r"[^A-Za-z0-9_]", "_", self.app_token)
@@ -753,4 +860,5 @@ class SyncJob(_Model):
             "filters": self.filters.model_dump(mode="json"),
             "max_file_rows": self.max_file_rows,
             "max_file_bytes": self.max_file_bytes,
+            "userpilot_files": list(self.userpilot_files),
         }

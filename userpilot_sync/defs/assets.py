@@ -33,7 +33,9 @@ import dagster as dg
 
 from userpilot_sync.defs import checks
 from userpilot_sync.defs.failures import failure, tag_run
-from userpilot_sync.defs.io_managers import ExportBatch, LookupTables, ManifestBatch, ReplacingManifests
+from userpilot_sync.defs.io_managers import DocumentedBatch, ExportBatch, LookupTables, ManifestBatch, ReplacingManifests
+from userpilot_sync.documented.day import compute_day_files
+from userpilot_sync.documented.state import SnapshotStore, backend_for
 from userpilot_sync.defs.keys import CHECK_DAY_EXPORTED, FAILURE_TAG, STAGING_RESOURCE_KEY, SyncJobKeys
 from userpilot_sync.defs.ledger import (
     ROWS_RECEIVED_KEY,
@@ -58,13 +60,14 @@ from userpilot_sync.guards import (
     shrink_error,
     shrink_violations,
 )
-from userpilot_sync.partitions import check_in_window, consecutive_days, parse_partition
+from userpilot_sync.partitions import check_in_window, consecutive_days, parse_partition, window_partition_keys
 from userpilot_sync.pipeline import (
     day_counts,
     day_source_facts,
     extract_and_stage,
     manifest_for,
     prepare_day,
+    rebuild_snapshot_state,
     replacing_manifest_for,
 )
 
@@ -125,6 +128,37 @@ def _plan(context: dg.AssetExecutionContext, keys: SyncJobKeys, ledger: Ledger) 
     return _Plan(days, refused)
 
 
+DOCUMENTED_DESCRIPTIONS = {
+    "all_users": "Snapshot of every identified user at the end of the UTC day (Userpilot Data Sync's all_users): "
+                 "latest company, first/last identified, last event, merged properties; one row per user.",
+    "all_companies": "Snapshot of every identified company at the end of the UTC day (all_companies): first/last "
+                     "identified, last event, merged properties; one row per company.",
+    "feature_tags_breakdown": "Per feature tag with track_feature events on the UTC day: events, unique users, "
+                              "unique companies, name from the lookups.",
+    "feature_tags_definitions": "Every feature tag of the app (id, name, description, category) from the lookups, "
+                                "in each date folder.",
+    "track_feature_per_tag": "The day's track_feature events, one file per feature tag (track_feature_<ID>).",
+    "track_labeled_per_label": "The day's track events of labeled events, one file per label (track_labeled_<ID>).",
+}
+
+
+def _documented_deps(keys: SyncJobKeys) -> dict[str, set[dg.AssetKey]]:
+    """Lineage of the documented files: what each is computed from, within the day's multi-asset."""
+    exports = keys.exports
+    deps: dict[str, set[dg.AssetKey]] = {}
+    for name in keys.job.userpilot_files:
+        source = {"track_feature_per_tag": "track_feature", "feature_tags_breakdown": "track_feature",
+                  "track_labeled_per_label": "track", "all_users": "identify_user",
+                  "all_companies": "identify_company"}.get(name)
+        # definitions come from the lookups the run fetches: a root of the day
+        deps[name] = {keys.raw_events} if name in ("all_users", "all_companies") else set()
+        if source in exports:
+            deps[name].add(exports[source])
+        elif source is not None:
+            deps[name].add(keys.raw_events)
+    return deps
+
+
 def build_day_assets(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     """The multi-asset that exports whole days of one sync job (see the module docstring)."""
     job = keys.job
@@ -150,6 +184,12 @@ def build_day_assets(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition)
                          f"Event Schema and exported to {dest_kind} as {', '.join(formats)}." + one_unit),
             metadata={"event_type": et},
             tags={"userpilot_sync/role": "export", "userpilot_sync/event_type": et}, **common)
+    for name, key in keys.documented_files.items():
+        outs[name] = dg.AssetOut(
+            key=key, io_manager_key=keys.documented_io_manager, kinds={"pandera", dest_kind, formats[0]},
+            description=DOCUMENTED_DESCRIPTIONS[name] + f" Exported to {dest_kind} as {', '.join(formats)}." + one_unit,
+            metadata={"userpilot_file": name},
+            tags={"userpilot_sync/role": "documented_file"}, **common)
     outs["manifest"] = dg.AssetOut(
         key=keys.manifest, io_manager_key=keys.manifest_io_manager, kinds={"json", dest_kind},
         description="The manifest of one UTC day (_manifest.json), written last: every export's files with rows, "
@@ -161,7 +201,8 @@ def build_day_assets(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition)
         name=f"{job.name}_day",
         outs=outs,
         internal_asset_deps={"raw_events": set(), **{et: {keys.raw_events} for et in keys.exports},
-                             "manifest": set(keys.exports.values())},
+                             **_documented_deps(keys),
+                             "manifest": set(keys.exports.values()) | set(keys.documented_files.values())},
         partitions_def=partitions_def,
         backfill_policy=dg.BackfillPolicy.multi_run(job.backfill_days_per_run),
         can_subset=False,
@@ -259,6 +300,8 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
             continue
         del prepared[pk]
         failed[pk] = str(error)
+    # Userpilot's documented files (snapshots, feature tags): computed and validated before upload
+    documented, store = _documented_files(context, keys, staging, source, ledger, staged, prepared, failed)
     not_exported = {**{pk: (STATUS_REFUSED, r) for pk, r in plan.refused.items()},
                     **{pk: (STATUS_FAILED, r) for pk, r in failed.items()}}
     if not prepared:  # nothing of the run can be written
@@ -314,13 +357,22 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
         for pk, written in batch.written.items():
             files[pk].extend(written)
 
+    # documented files: the DocumentedIOManager writes each day's files of one kind
+    for name in job.userpilot_files:
+        batch = DocumentedBatch(name, {pk: documented[pk][name] for pk in prepared if name in documented.get(pk, {})},
+                                not_exported, replacing=replacing, taken={pk: {f.path for f in files[pk]} for pk in prepared})
+        yield dg.Output(batch, output_name=name)
+        for pk, written in batch.written.items():
+            files[pk].extend(written)
+
     # manifests, published last by the ManifestIOManager
     allow_deletes = bool(getattr(job.destination, "allow_deletes", False))
     manifests = {}
     for pk in prepared:
         superseded = superseded_paths(earlier[pk], files[pk])
         manifests[pk] = manifest_for(job, staged[pk], prepared[pk].values(), files[pk], context.run_id,
-                                     superseded=superseded, deleted=superseded if allow_deletes else [])
+                                     superseded=superseded, deleted=superseded if allow_deletes else [],
+                                     documented=documented.get(pk))
     yield dg.Output(ManifestBatch(manifests, not_exported, replacing=replacing), output_name="manifest")
 
     # checks: one evaluation per check and day
@@ -331,6 +383,10 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
         for pk in prepared:
             evaluations.append(checks.known_values(keys, et, pk, prepared[pk][et]))
             evaluations.append(checks.expected_volume(keys, et, pk, prepared[pk][et], baselines[pk]))
+    for name in ("all_users", "all_companies"):
+        if name in job.userpilot_files:
+            evaluations.extend(checks.snapshot_current(keys, name, pk, documented[pk][name].facts)
+                               for pk in sorted(manifests))
     for pk in context.partition_keys:
         if pk in manifests:
             evaluations.append(checks.day_exported(keys, pk, manifests[pk]))
@@ -347,8 +403,82 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
     notify_run_days(context.instance, keys, context.run_id, exported=manifests,
                     failed={pk: r for pk, (_, r) in not_exported.items()}, problems=check_problems(day_checks),
                     log=context.log.warning)
+    if store is not None and manifests:
+        _report_stale_snapshots(context, keys, store, sorted(manifests))
     if failed:
         raise _summary_failure(job.name, list(context.partition_keys), not_exported, exported=sorted(manifests))
+
+
+def _features_events(job, source: SourceResource):
+    """The ``features_events`` lookup for the documented files, or (None, why not)."""
+    from userpilot_sync.source.lookups import lookups_for_job
+
+    if job.source.kind == "files":
+        return None, "the sync job's source (local export files) has no lookups"
+    try:
+        api = source.event_source() if job.source.kind == "export_api" else None
+        return lookups_for_job(job, ("features_events",), source=api)["features_events"], None
+    except UserpilotSyncError as exc:
+        return None, f"the features_events lookup could not be fetched ({exc})"
+
+
+def _documented_files(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging: StagingResource,
+                      source: SourceResource, ledger: Ledger, staged: dict, prepared: dict, failed: dict):
+    """Every documented file of every day still to export, in day order (the snapshot chain).
+
+    Days whose files break their schema move from ``prepared`` to ``failed``. Returns
+    ``({day: {name: DocumentedFile}}, the snapshot state store or None)``.
+    """
+    job = keys.job
+    if not job.userpilot_files or not prepared:
+        return {}, None
+    features_events, note = (None, None)
+    if set(job.userpilot_files) & {"feature_tags_breakdown", "feature_tags_definitions", "track_labeled_per_label"}:
+        features_events, note = _features_events(job, source)
+        if note:
+            context.log.warning(f"sync job {job.name!r}: {note}")
+    store = None
+    if set(job.userpilot_files) & {"all_users", "all_companies"}:
+        store = SnapshotStore(backend_for(job, staging.path), job.name, job.state.checkpoint_every_days)
+        if not store.exists:
+            first = min(prepared)
+            window = [d for d in window_partition_keys(start=job.partitions_start) if d < first]
+            earlier = sorted(ledger.previous_manifests(window)) if window else []
+            if earlier:
+                context.log.warning(
+                    f"sync job {job.name!r}: the snapshot state store ({store.backend.where}) is empty but days from "
+                    f"{earlier[0]} were exported: rebuilding the state from the source's identify events "
+                    f"{earlier[0]}..{window[-1]} (last_event_at before {first} counts identify events only)")
+                rebuild_snapshot_state(job, earlier[0], window[-1], staging.path, store, run_id=context.run_id,
+                                       source=source.event_source())
+    window_start = window_partition_keys()[0]
+    out: dict[str, dict] = {}
+    carried = None
+    for pk in sorted(prepared):
+        try:
+            out[pk], carried = compute_day_files(job, staged[pk], prepared[pk], store=store, carried=carried,
+                                                 features_events=features_events, lookups_note=note,
+                                                 run_id=context.run_id, window_start=window_start)
+        except ValidationError as exc:
+            del prepared[pk]
+            failed[pk] = str(exc)
+    return out, store
+
+
+def _report_stale_snapshots(context: dg.AssetExecutionContext, keys: SyncJobKeys, store: SnapshotStore,
+                            exported: list[str]) -> None:
+    """Days after this run whose snapshots this run made stale: a failed ``snapshot_current``
+    per day (reported without a run); the snapshot sensor requests their recomputation."""
+    stale = [d for d in store.stale_days() if d > exported[-1]]
+    if not stale:
+        return
+    context.log.warning(f"sync job {keys.name!r}: the snapshots of {stale[0]}..{stale[-1]} ({len(stale)} day(s)) are "
+                        f"stale after this run; the sensor {keys.snapshot_sensor_name} recomputes them in one range run")
+    for name in ("all_users", "all_companies"):
+        if name in keys.job.userpilot_files:
+            for pk in stale:
+                context.instance.report_runless_asset_event(
+                    checks.snapshot_stale(keys, name, pk, exported[0], context.run_id))
 
 
 def _baselines(ledger: Ledger, job, event_type: str, partitions: list[str], in_run: dict[str, int]) -> dict[str, list[int]]:

@@ -134,3 +134,55 @@ def build_partition_window_sensor(all_keys: list[SyncJobKeys]) -> dg.SensorDefin
         return dg.SkipReason("; ".join(lines) or "no sync jobs")
 
     return partition_window
+
+
+def build_snapshot_sensor(keys: SyncJobKeys, sync_job, staging_root) -> dg.SensorDefinition:
+    """Recomputes stale snapshots (``all_users``/``all_companies``) in one range run.
+
+    A re-export of day D (sync back, late data, a backfill of older days) leaves the snapshots of
+    the recorded days after D stale (``documented/state.py``). This sensor reads the sync job's
+    snapshot state store and requests one run of ``<job>_sync`` over the first stale day .. the
+    newest recorded day (inside the window), tagged ``userpilot_sync/snapshot_refresh``; the run
+    re-exports those days in order, so every day and its manifest stay one unit.
+    """
+    job = keys.job
+
+    @dg.sensor(
+        name=keys.snapshot_sensor_name, job=sync_job, minimum_interval_seconds=300,
+        default_status=dg.DefaultSensorStatus.RUNNING if job.enabled else dg.DefaultSensorStatus.STOPPED,
+        description=f"Re-exports the days of {job.name!r} whose user/company snapshots became stale after an earlier "
+                    f"day was re-exported, in one range run.",
+    )
+    def snapshot_refresh(context: dg.SensorEvaluationContext):
+        return snapshot_refresh_request(context.instance, keys, staging_root)
+
+    return snapshot_refresh
+
+
+def snapshot_refresh_request(instance: dg.DagsterInstance, keys: SyncJobKeys, staging_root):
+    """The run request recomputing the sync job's stale snapshots, or why there is none."""
+    from userpilot_sync.defs.keys import SNAPSHOT_REFRESH_TAG, SYNC_JOB_TAG
+    from userpilot_sync.documented.state import SnapshotStore, backend_for
+    from userpilot_sync.partitions import window_partition_keys
+
+    job = keys.job
+    if not job.enabled:
+        return dg.SkipReason(f"sync job {job.name!r} is disabled")
+    store = SnapshotStore(backend_for(job, staging_root), job.name, job.state.checkpoint_every_days)
+    window = set(window_partition_keys(start=job.partitions_start))
+    stale = [d for d in store.stale_days() if d in window]
+    if not stale:
+        return dg.SkipReason("no stale snapshot")
+    active = instance.get_runs(dg.RunsFilter(
+        tags={SYNC_JOB_TAG: job.name},
+        statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+                  dg.DagsterRunStatus.STARTED]), limit=1)
+    if active:
+        return dg.SkipReason(f"stale snapshots from {stale[0]}; waiting for run {active[0].run_id} of the sync job to end")
+    first, last = stale[0], stale[-1]
+    sync_window_partitions(instance, keys)
+    basis = store.index["days"][first]["basis"][:16]
+    return dg.RunRequest(
+        run_key=f"snapshot_refresh:{first}..{last}:{basis}",
+        tags={**keys.run_tags("snapshot_refresh"), RANGE_START_TAG: first, RANGE_END_TAG: last,
+              SNAPSHOT_REFRESH_TAG: first})

@@ -14,6 +14,10 @@ another day never replaces it. Each carries numeric metadata the UI can plot.
   the type is empty after exported days that were not (``checks.empty_days``: ``error`` | ``warn`` |
   ``expected``); WARN when its rows fall outside ``checks.volume`` ``min_ratio`` .. ``max_ratio`` of
   the median of the last ``baseline_days`` exported days (failed days never count).
+* ``<job>/all_users``, ``<job>/all_companies`` ``snapshot_current`` (WARN): the day's snapshot
+  includes every recorded earlier day; a re-export of an earlier day makes every later day's
+  snapshot stale (failed evaluations reported for those days, without a run) until the automatic
+  range run (sensor ``userpilot_snapshots_<job>``) recomputes them.
 * ``<job>/manifest`` ``day_exported`` (ERROR): the day got its complete manifest (``rows``,
   ``files``), or why not; a day of a range refused for the window is a WARN saying so.
 """
@@ -29,6 +33,7 @@ from userpilot_sync.defs.keys import (
     CHECK_EXPECTED_VOLUME,
     CHECK_KNOWN_VALUES,
     CHECK_NOT_UNEXPECTEDLY_EMPTY,
+    CHECK_SNAPSHOT_CURRENT,
     SyncJobKeys,
 )
 from userpilot_sync.destination.manifest import rows_by_event_type
@@ -47,6 +52,13 @@ def check_specs(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition) -> l
             description="Fails when a day got no complete manifest (it broke the Event Schema or was refused).",
         ),
     ]
+    for name in ("all_users", "all_companies"):
+        if name in keys.job.userpilot_files:
+            specs.append(dg.AssetCheckSpec(
+                CHECK_SNAPSHOT_CURRENT, asset=keys.documented(name), partitions_def=partitions_def,
+                description="Warns when the day's snapshot misses a later re-export of an earlier day (stale); "
+                            "the sensor userpilot_snapshots_<job> recomputes stale days in one range run.",
+            ))
     for key in keys.exports.values():
         specs.append(dg.AssetCheckSpec(
             CHECK_KNOWN_VALUES, asset=key, partitions_def=partitions_def,
@@ -153,4 +165,26 @@ def day_refused(keys: SyncJobKeys, partition: str, reason: str) -> dg.AssetCheck
         asset_key=keys.manifest, check_name=CHECK_DAY_EXPORTED, partition=partition, passed=False,
         severity=dg.AssetCheckSeverity.WARN, description=reason,
         metadata={"rows": 0, "files": 0, "reason": reason},
+    )
+
+
+def snapshot_current(keys: SyncJobKeys, name: str, partition: str, facts: dict) -> dg.AssetCheckEvaluation:
+    """``snapshot_current`` passed: the day's snapshot was computed from the newest recorded state."""
+    return dg.AssetCheckEvaluation(
+        asset_key=keys.documented(name), check_name=CHECK_SNAPSHOT_CURRENT, passed=True, partition=partition,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"computed from the state of {facts.get('previous_day') or 'no earlier day'} "
+                    f"(history start {facts.get('history_start')})",
+        metadata={"history_start": str(facts.get("history_start")), "previous_day": str(facts.get("previous_day"))},
+    )
+
+
+def snapshot_stale(keys: SyncJobKeys, name: str, partition: str, changed_day: str, run_id: str) -> dg.AssetCheckEvaluation:
+    """``snapshot_current`` failed: an earlier day changed after this day's snapshot was written."""
+    return dg.AssetCheckEvaluation(
+        asset_key=keys.documented(name), check_name=CHECK_SNAPSHOT_CURRENT, passed=False, partition=partition,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"stale: day {changed_day} was re-exported by run {run_id} after this day's {name} was written; "
+                    f"the sensor {keys.snapshot_sensor_name} requests one range run that recomputes it",
+        metadata={"changed_day": changed_day, "run_id": run_id},
     )

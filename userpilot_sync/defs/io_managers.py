@@ -1,6 +1,7 @@
 """IO managers: each writes one kind of thing to a sync job's destination, and records it per day.
 
 * :class:`ExportIOManager` writes the files of one event type (an :class:`ExportBatch`);
+* :class:`DocumentedIOManager` writes one documented file of Userpilot's (a :class:`DocumentedBatch`);
 * :class:`ManifestIOManager` publishes each day's manifest (a :class:`ManifestBatch`), last, and
   then deletes the superseded files it names where the sync job allows deletes;
 * :class:`LookupsIOManager` writes the lookup tables (:class:`LookupTables`).
@@ -32,13 +33,15 @@ from userpilot_sync.defs.ledger import (
     record_metadata,
 )
 from userpilot_sync.defs.resources import DestinationResource
+from userpilot_sync.destination.documented import write_documented
 from userpilot_sync.destination.journal import UploadJournal, clean_leftover_uploads
 from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.destination.manifest import FileRecord, rows_by_event_type
 from userpilot_sync.destination.storage import Storage
 from userpilot_sync.destination.superseded import delete_superseded
-from userpilot_sync.destination.writer import write_export, write_manifest
+from userpilot_sync.destination.writer import WrittenExport, write_export, write_manifest
 from userpilot_sync.errors import UserpilotSyncError
+from userpilot_sync.documented.day import DocumentedFile
 from userpilot_sync.export import PreparedExport
 from userpilot_sync.faults import pause_point
 from userpilot_sync.schema.events import export_columns
@@ -74,6 +77,23 @@ class ExportBatch:
     not_exported: dict[str, tuple[str, str]] = field(default_factory=dict)
     written: dict[str, list[FileRecord]] = field(default_factory=dict)
     replacing: ReplacingManifests | None = None
+
+
+@dataclass
+class DocumentedBatch:
+    """One documented file (``all_users``, ...) of each day, for the :class:`DocumentedIOManager`.
+
+    ``files`` maps days to their :class:`~userpilot_sync.documented.day.DocumentedFile`;
+    ``taken`` the paths the day's other files use (no per-tag name may replace one);
+    ``not_exported``, ``written`` and ``replacing`` as in :class:`ExportBatch`.
+    """
+
+    name: str
+    files: dict[str, DocumentedFile]
+    not_exported: dict[str, tuple[str, str]] = field(default_factory=dict)
+    written: dict[str, list[FileRecord]] = field(default_factory=dict)
+    replacing: ReplacingManifests | None = None
+    taken: dict[str, set[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -188,22 +208,6 @@ class _DestinationIOManager(dg.ConfigurableIOManager):
                 extra[GENERATIONS_KEY] = recorded.get(pk) or self._ledger(context).generations(context.asset_key, pk)
             self._record_day(context, pk, record_metadata(self.job, status, **extra))
 
-    def load_input(self, context: dg.InputContext):
-        raise NotImplementedError(
-            f"sync job {self.job.name!r}: exports are never read back from the destination (write-only)"
-        )
-
-
-class ExportIOManager(_DestinationIOManager):
-    """Writes one event type's exports in every format of the sync job, day by day.
-
-    Per day it records ``dagster/row_count`` (rows exported), ``dagster/uri`` (the first file),
-    ``bytes``, ``files``, ``rows_received`` (rows of the event type the source delivered),
-    ``duplicates_dropped``, ``filtered_out`` and ``userpilot/files`` (every file: path, uri,
-    format, compression, part, rows, bytes, sha256). A failed upload keeps what was uploaded as
-    an observation (ledger) and raises DestinationError.
-    """
-
     def _announce(self, context: dg.OutputContext, replacing: ReplacingManifests | None, pk: str,
                   storage: Storage) -> None:
         """Write day ``pk``'s ``replacing`` manifest once per step, before its first file."""
@@ -225,33 +229,68 @@ class ExportIOManager(_DestinationIOManager):
         context.log.info(f"sync job {self.job.name!r}, partition {pk}: manifest set to 'replacing' before the "
                          f"day's files are replaced")
 
-    def handle_output(self, context: dg.OutputContext, batch: ExportBatch) -> None:
-        storage, recorded = self._storage_for(context, sorted(batch.exports))
+    def _upload_days(self, context: dg.OutputContext, storage: Storage, recorded: dict[str, dict[str, int]],
+                     items: dict, written_out: dict[str, list[FileRecord]], replacing: ReplacingManifests | None,
+                     write, *, what, work_name):
+        """Write ``items`` (day -> what to write) day by day with ``write(day, item, work_dir,
+        uploaded)``; yields ``(day, item, file records)`` after each day's upload (also kept in
+        ``written_out``). On a failure, what reached the bucket (this day's files so far, the days
+        done) is recorded in the ledger, and a one-line-cause dg.Failure is raised."""
         layout = layout_for(self.job)
-        ledger = self._ledger(context)
-        for pk in sorted(batch.exports):
-            prepared = batch.exports[pk]
-            work = Path(self.work_dir) / self.job.name / pk / "write" / prepared.event_type
+        for pk in sorted(items):
+            item = items[pk]
+            work = Path(self.work_dir) / self.job.name / pk / "write" / work_name(item)
             uploaded: list[FileRecord] = []
             try:
-                self._announce(context, batch.replacing, pk, storage)
-                written = write_export(prepared, self.job, storage, work, uploaded=uploaded)
+                self._announce(context, replacing, pk, storage)
+                files = write(pk, item, work, uploaded)
             except Exception as exc:
+                ledger = self._ledger(context)
                 keys = [k for k in getattr(storage, "written", {}) if pk in k]
                 ledger.record_partial_write(context.asset_key, pk, _file_entries(storage, layout, uploaded),
                                             self._generations(storage, recorded.get(pk, {}), keys),
                                             reason="the upload failed after these files were written")
-                for done in sorted(batch.written):  # days of this output already complete
-                    done_keys = [layout.key(f.path) for f in batch.written[done]]
-                    ledger.record_partial_write(context.asset_key, done, _file_entries(storage, layout, batch.written[done]),
+                for done in sorted(written_out):  # days of this output already complete
+                    done_keys = [layout.key(f.path) for f in written_out[done]]
+                    ledger.record_partial_write(context.asset_key, done, _file_entries(storage, layout, written_out[done]),
                                                 self._generations(storage, recorded.get(done, {}), done_keys),
                                                 reason="written by a run that failed later")
-                what = (f"event type {prepared.event_type!r}" if batch.replacing is None or pk in batch.replacing.announced
-                        or pk not in batch.replacing.manifests else "the 'replacing' manifest")
+                label = (what(item) if replacing is None or pk in replacing.announced or pk not in replacing.manifests
+                         else "the 'replacing' manifest")
                 if isinstance(exc, UserpilotSyncError):
-                    raise self._fail(context, pk, f"{what}: {exc}") from None
-                raise self._fail(context, pk, f"{what}: {type(exc).__name__}: {exc}") from exc
-            batch.written[pk] = written.files
+                    raise self._fail(context, pk, f"{label}: {exc}") from None
+                raise self._fail(context, pk, f"{label}: {type(exc).__name__}: {exc}") from exc
+            written_out[pk] = files
+            yield pk, item, files
+
+    def load_input(self, context: dg.InputContext):
+        raise NotImplementedError(
+            f"sync job {self.job.name!r}: exports are never read back from the destination (write-only)"
+        )
+
+
+class ExportIOManager(_DestinationIOManager):
+    """Writes one event type's exports in every format of the sync job, day by day.
+
+    Per day it records ``dagster/row_count`` (rows exported), ``dagster/uri`` (the first file),
+    ``bytes``, ``files``, ``rows_received`` (rows of the event type the source delivered),
+    ``duplicates_dropped``, ``filtered_out`` and ``userpilot/files`` (every file: path, uri,
+    format, compression, part, rows, bytes, sha256). A failed upload keeps what was uploaded as
+    an observation (ledger) and raises DestinationError.
+    """
+
+    def handle_output(self, context: dg.OutputContext, batch: ExportBatch) -> None:
+        storage, recorded = self._storage_for(context, sorted(batch.exports))
+        layout = layout_for(self.job)
+
+        def write(pk, prepared, work, uploaded):
+            return write_export(prepared, self.job, storage, work, uploaded=uploaded).files
+
+        for pk, prepared, written_files in self._upload_days(
+                context, storage, recorded, batch.exports, batch.written, batch.replacing, write,
+                what=lambda prepared: f"event type {prepared.event_type!r}",
+                work_name=lambda prepared: prepared.event_type):
+            written = WrittenExport(written_files, [layout.key(f.path) for f in written_files])
             files = _file_entries(storage, layout, written.files)
             metadata = record_metadata(
                 self.job, STATUS_EXPORTED,
@@ -275,6 +314,51 @@ class ExportIOManager(_DestinationIOManager):
             "dagster/column_schema": column_schema(batch.event_type, self.job.filters.exclude_columns),
             "formats": ", ".join(f.label for f in self.job.formats),
         })
+
+
+class DocumentedIOManager(_DestinationIOManager):
+    """Writes one documented file (``all_users``, ``feature_tags_breakdown``, per-tag files, ...)
+    in every format of the sync job, day by day.
+
+    Per day it records ``dagster/row_count``, ``dagster/uri`` (the first file), ``bytes``,
+    ``files``, ``userpilot/status`` (exported), ``userpilot_file_status`` (complete | empty |
+    absent, with ``reason``), snapshot facts (``history_start``) and ``userpilot/files``. A failed
+    upload keeps what was uploaded as an observation (ledger) and raises DestinationError.
+    """
+
+    def handle_output(self, context: dg.OutputContext, batch: DocumentedBatch) -> None:
+        storage, recorded = self._storage_for(context, sorted(batch.files))
+        layout = layout_for(self.job)
+
+        def write(pk, doc, work, uploaded):
+            return write_documented(doc, self.job, pk, storage, work, taken=batch.taken.get(pk, set()),
+                                    uploaded=uploaded)
+
+        for pk, doc, written in self._upload_days(context, storage, recorded, batch.files, batch.written,
+                                                  batch.replacing, write, what=lambda doc: f"file {doc.name}",
+                                                  work_name=lambda doc: doc.name):
+            files = _file_entries(storage, layout, written)
+            metadata = record_metadata(self.job, STATUS_EXPORTED, **{FILES_KEY: files})
+            metadata.update({
+                "dagster/row_count": doc.rows,
+                "dagster/uri": files[0]["uri"] if files else storage.uri(layout.root),
+                "bytes": sum(f.bytes for f in written),
+                "files": len(written),
+                "userpilot_file_status": doc.status,
+                **({"reason": doc.reason} if doc.reason else {}),
+                **{k: str(v) for k, v in doc.facts.items() if v is not None},
+            })
+            gens = self._generations(storage, recorded.get(pk, {}), [layout.key(f.path) for f in written])
+            if gens is not None:
+                metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)
+            self._record_day(context, pk, metadata)
+        self._record_not_exported(context, batch.not_exported, recorded)
+        if batch.files:
+            schema = next((d.schema for d in batch.files.values() if d.schema is not None), None)
+            if schema is not None:
+                context.add_output_metadata({"dagster/column_schema": dg.TableSchema(columns=[
+                    dg.TableColumn(name=f.name, type=str(f.type), constraints=dg.TableColumnConstraints(nullable=f.nullable))
+                    for f in schema])})
 
 
 class ManifestIOManager(_DestinationIOManager):

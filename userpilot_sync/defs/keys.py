@@ -26,6 +26,9 @@ CHECK_NOT_UNEXPECTEDLY_EMPTY = "not_unexpectedly_empty"
 CHECK_KNOWN_VALUES = "known_values"
 CHECK_DAY_EXPORTED = "day_exported"
 CHECK_EXPECTED_VOLUME = "expected_volume"
+CHECK_SNAPSHOT_CURRENT = "snapshot_current"
+#: Run tag of the range runs that recompute stale snapshots (value: the first stale day).
+SNAPSHOT_REFRESH_TAG = "userpilot_sync/snapshot_refresh"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,15 @@ class SyncJobKeys:
         """Export asset keys by event type, in the sync job's event-type order."""
         return {et: self.export(et) for et in self.job.event_types}
 
+    def documented(self, name: str) -> dg.AssetKey:
+        """A documented file's asset (``<job>/all_users``, ``<job>/feature_tags_breakdown``, ...)."""
+        return dg.AssetKey([self.name, name])
+
+    @property
+    def documented_files(self) -> dict[str, dg.AssetKey]:
+        """Documented-file asset keys by name, in the sync job's ``userpilot_files`` order."""
+        return {name: self.documented(name) for name in self.job.userpilot_files}
+
     @property
     def manifest(self) -> dg.AssetKey:
         return dg.AssetKey([self.name, "manifest"])
@@ -66,8 +78,8 @@ class SyncJobKeys:
 
     @property
     def day_assets(self) -> list[dg.AssetKey]:
-        """Every asset of one exported day: raw events, each export, the manifest."""
-        return [self.raw_events, *self.exports.values(), self.manifest]
+        """Every asset of one exported day: raw events, each export, each documented file, the manifest."""
+        return [self.raw_events, *self.exports.values(), *self.documented_files.values(), self.manifest]
 
     @property
     def destination_assets(self) -> list[dg.AssetKey]:
@@ -117,6 +129,14 @@ class SyncJobKeys:
     @property
     def manifest_io_manager(self) -> str:
         return f"userpilot_manifest_io_manager_{self.name}"
+
+    @property
+    def documented_io_manager(self) -> str:
+        return f"userpilot_documented_io_manager_{self.name}"
+
+    @property
+    def snapshot_sensor_name(self) -> str:
+        return f"userpilot_snapshots_{self.name}"
 
     @property
     def lookups_io_manager(self) -> str:

@@ -20,10 +20,11 @@ from userpilot_sync.config.model import SyncJob
 from userpilot_sync.defs.assets import build_day_assets, build_lookups_asset
 from userpilot_sync.defs.automation import (
     build_initial_backfill_sensor,
+    build_snapshot_sensor,
     build_partition_window_sensor,
     build_schedules,
 )
-from userpilot_sync.defs.io_managers import ExportIOManager, LookupsIOManager, ManifestIOManager
+from userpilot_sync.defs.io_managers import DocumentedIOManager, ExportIOManager, LookupsIOManager, ManifestIOManager
 from userpilot_sync.defs.jobs import build_check_destination_job, build_lookups_job, build_sync_job
 from userpilot_sync.defs.keys import STAGING_RESOURCE_KEY, SyncJobKeys
 from userpilot_sync.defs.partitions import partitions_def
@@ -52,6 +53,8 @@ def build_sync_job_definitions(job: SyncJob, staging: Path) -> dg.Definitions:
         lookups_job = build_lookups_job(keys)
         jobs.append(lookups_job)
     sensors = [build_initial_backfill_sensor(keys, sync_job)] if job.backfill_days > 0 else []
+    if set(job.userpilot_files) & {"all_users", "all_companies"}:
+        sensors.append(build_snapshot_sensor(keys, sync_job, staging))
     if any("late" in entry.on for entry in job.notifications):
         sensors.append(build_freshness_sensor(keys))
     destination = destination_resource(job)
@@ -66,6 +69,7 @@ def build_sync_job_definitions(job: SyncJob, staging: Path) -> dg.Definitions:
             keys.destination_resource: destination,
             keys.export_io_manager: ExportIOManager(destination=destination, work_dir=work_dir),
             keys.manifest_io_manager: ManifestIOManager(destination=destination, work_dir=work_dir),
+            keys.documented_io_manager: DocumentedIOManager(destination=destination, work_dir=work_dir),
             keys.lookups_io_manager: LookupsIOManager(destination=destination, work_dir=work_dir),
         },
     )

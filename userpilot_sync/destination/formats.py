@@ -5,7 +5,8 @@ Formats (the sync job's ``formats``):
 * ``parquet`` — zstd (default), snappy, gzip or none; row groups of ``ROW_GROUP_ROWS`` rows;
   ``inserted_at`` as ``timestamp[us, UTC]``; ``metadata`` as JSON text.
 * ``ndjson`` — one JSON object per line, gzip or none; ``inserted_at`` as ISO-8601 text with
-  six fractional digits and ``Z``; ``metadata`` as a JSON object (or null).
+  six fractional digits and ``Z`` (every timestamp column of the documented files likewise);
+  ``metadata`` (``properties`` in the snapshots) as a JSON object (or null).
 * ``csv`` — header line, gzip or none; ``inserted_at`` as in ndjson; ``metadata`` as JSON
   text; null and ``""`` are one value, both written as an empty unquoted field.
 * ``avro`` — deflate, snappy or none (fastavro); nullable columns as ``["null", T]``;
@@ -85,27 +86,34 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int, schema: pa.Schema) -> 
 def _text_frame(table: pa.Table) -> pl.DataFrame:
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
-    if "inserted_at" in frame.columns:
-        frame = frame.with_columns(pl.col("inserted_at").dt.strftime(TIMESTAMP_TEXT))
+    stamps = [c for c, t in frame.schema.items() if isinstance(t, pl.Datetime)]
+    if stamps:
+        frame = frame.with_columns(pl.col(c).dt.strftime(TIMESTAMP_TEXT) for c in stamps)
     return frame
 
 
+#: Columns holding JSON object text: NDJSON writes them as objects, the other formats as text.
+JSON_TEXT_COLUMNS = ("metadata", "properties")
+
+
 def ndjson_lines(table: pa.Table) -> bytes:
-    """NDJSON text of a table (``metadata`` spliced in as a JSON object), UTF-8, one line per row."""
+    """NDJSON text of a table (``metadata``/``properties`` spliced in as a JSON object), UTF-8,
+    one line per row."""
     frame = _text_frame(table)
     cols = frame.columns
-    if "metadata" not in cols:
+    json_col = next((c for c in JSON_TEXT_COLUMNS if c in cols), None)
+    if json_col is None:
         encoded = frame.select(pl.struct(pl.all()).struct.json_encode().alias("line"))
     else:
-        i = cols.index("metadata")
+        i = cols.index(json_col)
         before, after = cols[:i], cols[i + 1 :]
         parts: list[pl.Expr] = []
         if before:
             parts.append(pl.struct(before).struct.json_encode().str.head(-1))
-            parts.append(pl.lit(',"metadata":'))
+            parts.append(pl.lit(f',"{json_col}":'))
         else:
-            parts.append(pl.lit('{"metadata":'))
-        parts.append(pl.col("metadata").fill_null("null"))
+            parts.append(pl.lit(f'{{"{json_col}":'))
+        parts.append(pl.col(json_col).fill_null("null"))
         if after:
             parts.append(pl.lit(","))
             parts.append(pl.struct(after).struct.json_encode().str.tail(-1))

@@ -11,6 +11,11 @@ format and part number, so a re-export replaces the same objects.
     <prefix>/<sync folder>/<event_type>/date=<YYYY-MM-DD>/part-<part>.<ext>
     <prefix>/<sync folder>/_manifests/date=<YYYY-MM-DD>/_manifest.json
 
+Documented files (``all_users``, ``feature_tags_breakdown``, ...) take an event type's place;
+per-tag/per-label files are ``<date>/track_feature_<escaped id>.<ext>`` (userpilot) and
+``track_feature/tag=<escaped id>/date=<date>/part-<part>.<ext>`` (hive; labels:
+``track_labeled_<id>`` and ``track_labeled/label=<id>/...``); see :meth:`Layout.documented_path`.
+
 Part numbers are five digits from ``00000``; the userpilot layout adds ``_<part>`` only when a
 day's export is split into several files.
 """
@@ -50,6 +55,23 @@ class Layout:
             return f"{event_type}/date={partition}/part-{part:05d}.{extension}"
         suffix = f"_{part:05d}" if parts > 1 else ""
         return f"{partition}/{event_type}{suffix}.{extension}"
+
+    def documented_path(self, partition: str, name: str, extension: str, part: int, parts: int,
+                        split: tuple[str, str] | None = None, escaped_id: str | None = None) -> str:
+        """Path of a documented file (``all_users``, ...) or, with ``split`` = (base, key) and
+        ``escaped_id``, of one per-tag/per-label file::
+
+            userpilot: <date>/all_users.<ext>          <date>/track_feature_<escaped id>.<ext>
+            hive:      all_users/date=<date>/part-00000.<ext>
+                       track_feature/tag=<escaped id>/date=<date>/part-00000.<ext>
+        """
+        if split is None:
+            return self.data_path(partition, name, extension, part, parts)
+        base, key = split
+        if self.kind == "hive":
+            return f"{base}/{key}={escaped_id}/date={partition}/part-{part:05d}.{extension}"
+        suffix = f"_{part:05d}" if parts > 1 else ""
+        return f"{partition}/{base}_{escaped_id}{suffix}.{extension}"
 
     def manifest_path(self, partition: str) -> str:
         """Path (relative to the sync folder) of a partition's manifest."""

@@ -25,8 +25,14 @@ Fields of a complete manifest:
   (only when empty), ``rows`` (exported), ``rows_received`` (rows of the type the source delivered
   for the day), ``duplicates_dropped``, ``filtered_out``}; ``rows_received = rows +
   duplicates_dropped + filtered_out``
-* ``files``: path (relative to the sync folder), event_type, format, compression, part, rows,
-  bytes, sha256
+* ``userpilot_files``: per documented file the sync job writes (``all_users``, ``all_companies``,
+  ``feature_tags_breakdown``, ``feature_tags_definitions``, ``track_feature_per_tag``,
+  ``track_labeled_per_label``) {``status`` (``complete`` | ``empty`` | ``absent``: not written,
+  ``reason`` says why), ``rows``, snapshot facts (``history_start``, ``previous_day``,
+  ``state_chain``)}
+* ``files``: path (relative to the sync folder), event_type (null for snapshots, breakdown and
+  definitions), format, compression, part, rows, bytes, sha256; documented files add ``file``
+  (their name) and per-tag/label files ``id`` (the full, unescaped id)
 * ``superseded``: paths an earlier export of this partition wrote that this one no longer
   produces (deleted only when the sync job allows deletes; ``deleted`` says which)
 
@@ -60,16 +66,24 @@ class FileRecord:
     """One exported data file, as listed in a manifest and in materialization metadata."""
 
     path: str
-    event_type: str
+    event_type: str | None
     format: str
     compression: str
     part: int
     rows: int
     bytes: int
     sha256: str
+    #: Documented files only: the file's name (``all_users``, ``track_feature_per_tag``, ...).
+    file: str | None = None
+    #: Per-tag/per-label files only: the full feature-tag id or labeled event name.
+    id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for optional in ("file", "id"):
+            if out[optional] is None:
+                del out[optional]
+        return out
 
 
 def build_manifest(
@@ -89,6 +103,7 @@ def build_manifest(
     superseded: Iterable[str] = (),
     deleted: Iterable[str] = (),
     exported_at: datetime | None = None,
+    userpilot_files: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The complete manifest of one partition (a JSON-serialisable dict).
 
@@ -116,6 +131,7 @@ def build_manifest(
         "settings": settings,
         "source": source,
         "event_types": entries,
+        **({"userpilot_files": userpilot_files} if userpilot_files else {}),
         "files": [f.to_dict() for f in sorted(files, key=lambda f: f.path)],
         "superseded": sorted(set(superseded)),
         "deleted": sorted(set(deleted)),

@@ -244,6 +244,10 @@ _COMPANY_PROPERTIES = (("name", "Company name", "string"), ("industry", "Industr
                        ("employees", "Employees", "numeric"), ("plan", "Plan", "string"))
 
 
+#: Track events the demo app defines as labeled events (features_events type labeled_event).
+DEMO_LABELED_EVENTS = ("Signed Up", "Upgraded Plan")
+
+
 def demo_lookup_records(kind: str) -> list[dict[str, Any]]:
     """The demo app's definitions of ``kind`` as API records (ids match ``source/demo.py``)."""
     if kind not in LOOKUP_COLUMNS:
@@ -282,7 +286,9 @@ def demo_lookup_records(kind: str) -> list[dict[str, Any]]:
     if kind == "features_events":
         out = [{"id": fid, "name": name, "type": "feature_tag", "category": "Product", "description": None}
                for fid, name in FEATURE_TAGS.items()]
-        out += [{"id": name, "name": name, "type": "tracked_event", "category": "Custom events", "description": None}
+        # two of the demo's track events are labeled events (exported per label as track_labeled_<ID>)
+        out += [{"id": name, "name": name, "type": "labeled_event" if name in DEMO_LABELED_EVENTS else "tracked_event",
+                 "category": "Custom events", "description": None}
                 for name in TRACK_EVENTS]
         return out
     # events_properties: the properties the demo's track events carry
