@@ -209,12 +209,18 @@ def sha256(data: bytes) -> str:
 
 
 def event_ids(files: dict[str, bytes]) -> Counter:
-    """``internal_event_id`` of every row of the Parquet files among ``files`` (name -> bytes)."""
+    """``internal_event_id`` of every row of the event-type Parquet files among ``files`` (name ->
+    bytes); Userpilot's documented files (``all_users``, ...) in the same date folders are skipped —
+    readers select files by name, never by ``*.parquet``."""
     import pyarrow.parquet as pq
+
+    from userpilot_sync.schema.events import EVENT_TYPES
 
     ids: Counter = Counter()
     for name, data in files.items():
-        if name.endswith(".parquet"):
+        stem = name.rsplit("/", 1)[-1].split(".")[0]
+        event_type = next((et for et in EVENT_TYPES if stem == et or stem.startswith(f"{et}_0")), None)
+        if name.endswith(".parquet") and event_type is not None:
             ids.update(pq.read_table(io.BytesIO(data), columns=["internal_event_id"]).column(0).to_pylist())
     return ids
 

@@ -387,6 +387,8 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
         if name in job.userpilot_files:
             evaluations.extend(checks.snapshot_current(keys, name, pk, documented[pk][name].facts)
                                for pk in sorted(manifests))
+    if store is not None and manifests:
+        evaluations.extend(_stale_snapshot_checks(context, keys, store, sorted(manifests)))
     for pk in context.partition_keys:
         if pk in manifests:
             evaluations.append(checks.day_exported(keys, pk, manifests[pk]))
@@ -403,8 +405,6 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
     notify_run_days(context.instance, keys, context.run_id, exported=manifests,
                     failed={pk: r for pk, (_, r) in not_exported.items()}, problems=check_problems(day_checks),
                     log=context.log.warning)
-    if store is not None and manifests:
-        _report_stale_snapshots(context, keys, store, sorted(manifests))
     if failed:
         raise _summary_failure(job.name, list(context.partition_keys), not_exported, exported=sorted(manifests))
 
@@ -465,20 +465,19 @@ def _documented_files(context: dg.AssetExecutionContext, keys: SyncJobKeys, stag
     return out, store
 
 
-def _report_stale_snapshots(context: dg.AssetExecutionContext, keys: SyncJobKeys, store: SnapshotStore,
-                            exported: list[str]) -> None:
-    """Days after this run whose snapshots this run made stale: a failed ``snapshot_current``
-    per day (reported without a run); the snapshot sensor requests their recomputation."""
+def _stale_snapshot_checks(context: dg.AssetExecutionContext, keys: SyncJobKeys, store: SnapshotStore,
+                           exported: list[str]) -> list[dg.AssetCheckEvaluation]:
+    """Days after this run whose snapshots this run made stale: a failed ``snapshot_current`` per
+    day, evaluated by this run for those days (Dagster keeps one row per check, run and partition;
+    a runless report could be made only once per day); the snapshot sensor requests their
+    recomputation."""
     stale = [d for d in store.stale_days() if d > exported[-1]]
     if not stale:
-        return
+        return []
     context.log.warning(f"sync job {keys.name!r}: the snapshots of {stale[0]}..{stale[-1]} ({len(stale)} day(s)) are "
                         f"stale after this run; the sensor {keys.snapshot_sensor_name} recomputes them in one range run")
-    for name in ("all_users", "all_companies"):
-        if name in keys.job.userpilot_files:
-            for pk in stale:
-                context.instance.report_runless_asset_event(
-                    checks.snapshot_stale(keys, name, pk, exported[0], context.run_id))
+    return [checks.snapshot_stale(keys, name, pk, exported[0], context.run_id)
+            for name in ("all_users", "all_companies") if name in keys.job.userpilot_files for pk in stale]
 
 
 def _baselines(ledger: Ledger, job, event_type: str, partitions: list[str], in_run: dict[str, int]) -> dict[str, list[int]]:

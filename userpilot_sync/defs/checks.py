@@ -16,7 +16,7 @@ another day never replaces it. Each carries numeric metadata the UI can plot.
   the median of the last ``baseline_days`` exported days (failed days never count).
 * ``<job>/all_users``, ``<job>/all_companies`` ``snapshot_current`` (WARN): the day's snapshot
   includes every recorded earlier day; a re-export of an earlier day makes every later day's
-  snapshot stale (failed evaluations reported for those days, without a run) until the automatic
+  snapshot stale (failed evaluations for those days, by the run that changed the earlier day) until the automatic
   range run (sensor ``userpilot_snapshots_<job>``) recomputes them.
 * ``<job>/manifest`` ``day_exported`` (ERROR): the day got its complete manifest (``rows``,
   ``files``), or why not; a day of a range refused for the window is a WARN saying so.
