@@ -39,7 +39,7 @@ from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.destination.manifest import FileRecord, rows_by_event_type
 from userpilot_sync.destination.storage import Storage
 from userpilot_sync.destination.superseded import delete_superseded
-from userpilot_sync.destination.writer import WrittenExport, write_export, write_manifest
+from userpilot_sync.destination.writer import write_export, write_manifest
 from userpilot_sync.errors import UserpilotSyncError
 from userpilot_sync.documented.day import DocumentedFile
 from userpilot_sync.export import PreparedExport
@@ -290,8 +290,7 @@ class ExportIOManager(_DestinationIOManager):
                 context, storage, recorded, batch.exports, batch.written, batch.replacing, write,
                 what=lambda prepared: f"event type {prepared.event_type!r}",
                 work_name=lambda prepared: prepared.event_type):
-            written = WrittenExport(written_files, [layout.key(f.path) for f in written_files])
-            files = _file_entries(storage, layout, written.files)
+            files = _file_entries(storage, layout, written_files)
             metadata = record_metadata(
                 self.job, STATUS_EXPORTED,
                 **{FILES_KEY: files},
@@ -299,13 +298,13 @@ class ExportIOManager(_DestinationIOManager):
             metadata.update({
                 "dagster/row_count": prepared.rows,
                 "dagster/uri": files[0]["uri"] if files else storage.uri(layout.root),
-                "bytes": sum(f.bytes for f in written.files),
-                "files": len(written.files),
+                "bytes": sum(f.bytes for f in written_files),
+                "files": len(written_files),
                 "rows_received": prepared.rows_staged,
                 "duplicates_dropped": prepared.duplicates_dropped,
                 "filtered_out": prepared.filtered_out,
             })
-            gens = self._generations(storage, recorded.get(pk, {}), written.keys)
+            gens = self._generations(storage, recorded.get(pk, {}), [layout.key(f.path) for f in written_files])
             if gens is not None:
                 metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)
             self._record_day(context, pk, metadata)
