@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT := false
 
-.PHONY: install run ui test test-fast check bench clean
+.PHONY: install run ui cluster cluster-stop cluster-status test test-fast check bench bench-cluster clean
 
 # Create .venv from the lock file (uv is installed from PyPI when missing).
 $(BIN)/.installed: pyproject.toml uv.lock
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check uv
-	$(PYTHON) -m uv sync --frozen --extra dev --python $(PYTHON)
+	$(PYTHON) -m uv sync --frozen --extra dev --extra cluster --python $(PYTHON)
 	@touch $@
 
 install: $(BIN)/.installed
@@ -27,6 +27,18 @@ run: install $(DAGSTER_HOME)/dagster.yaml
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
+# The cluster deployment on this machine, for a trial (docs/deploy.md): PostgreSQL in .cluster/postgres,
+# Redis, two Celery workers with separate staging folders, the daemon and the webserver on
+# http://127.0.0.1:3000. Needs Debian's postgresql and redis-server packages.
+cluster: install
+	$(BIN)/python -m userpilot_sync.cluster.trial start
+
+cluster-stop: install
+	$(BIN)/python -m userpilot_sync.cluster.trial stop
+
+cluster-status: install
+	$(BIN)/python -m userpilot_sync.cluster.trial status
+
 # Tests run on $(TEST_WORKERS) pytest-xdist workers (one per core of the 2-core machines). loadfile:
 # each test module runs whole on one worker (its servers and dagster dev start once); the slowest
 # modules go first, in the order of SLOW_MODULES in userpilot_sync_tests/conftest.py.
@@ -37,9 +49,10 @@ PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
-# The fast lane: no servers, no dagster dev, no kill -9 (markers integration and faults left out).
+# The fast lane: no servers, no dagster dev, no kill -9, no cluster (markers integration, faults and
+# cluster left out).
 test-fast: install
-	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not integration and not faults"
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not integration and not faults and not cluster"
 
 # dg's own check that the definitions load.
 check: install
@@ -47,6 +60,10 @@ check: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run
+
+# A backfill of 2 sync jobs x 90 days x 20k events on the cluster shape, one worker vs two (docs/deploy.md).
+bench-cluster: install
+	$(BIN)/python -m benchmarks.cluster
 
 clean:
 	rm -rf .staging exports

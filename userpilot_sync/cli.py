@@ -3,6 +3,7 @@
     python -m userpilot_sync.cli sync [--job NAME] [--days N | --partition YYYY-MM-DD ... | --from D --to D]
                                       [--allow-shrink]
     python -m userpilot_sync.cli status [--job NAME] [--json] [--all]
+    python -m userpilot_sync.cli move-history --from OLD_DAGSTER_HOME
 
 Each partition is one run of the sync job's asset job (a --from/--to backfill: one run per
 ``backfill_days_per_run`` days, one extraction each), recorded in the Dagster instance of
@@ -10,7 +11,9 @@ Each partition is one run of the sync job's asset job (a --from/--to backfill: o
 same history. Prints one line per run (its failure's one-line cause, its warnings and every failed
 ERROR check per day on stderr), the exported files and the newest manifest. Exit codes: 0 success;
 1 a run failed (or the instance could not be opened); 2 bad arguments or sync-job files; 3 every
-run succeeded but an ERROR check failed. ``status`` lists every day of the 365-day window as
+run succeeded but an ERROR check failed. ``move-history`` copies the runs, event logs, backfills and
+day partitions of another instance (e.g. the local SQLite one) into ``$DAGSTER_HOME``'s (e.g. the
+cluster's PostgreSQL) so fingerprints and history carry over (``defs/move.py``). ``status`` lists every day of the 365-day window as
 complete, empty, replacing, running, failed, late, pending or missing (``defs/status.py``). The
 instance is opened under an initialisation lock in ``$DAGSTER_HOME`` (``defs/instance.py``), so
 several commands started at once on a new ``DAGSTER_HOME`` are safe.
@@ -265,6 +268,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_move_history(args: argparse.Namespace) -> int:
+    """Copy the history of the instance in ``--from`` into the instance of ``$DAGSTER_HOME``."""
+    from userpilot_sync.defs.move import MoveError, move_history
+
+    old_home = Path(args.source).expanduser().resolve()
+    if not (old_home / "dagster.yaml").is_file() and not (old_home / "history").is_dir():
+        raise _UsageError(f"--from {old_home}: not a DAGSTER_HOME (no dagster.yaml, no history/ folder)")
+    try:
+        jobs = load_sync_jobs()
+    except UserpilotSyncError as exc:
+        raise _UsageError(str(exc)) from None
+    names = [SyncJobKeys(job).partitions_name for job in jobs]
+    with dg.DagsterInstance.from_config(str(old_home)) as source, open_instance() as target:
+        try:
+            report = move_history(source, target, names, log=print)
+        except MoveError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    print(f"moved the history of {old_home} into DAGSTER_HOME: {report.summary()}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="userpilot_sync", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -283,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--all", action="store_true", help="also list the missing days before the first export")
     status.set_defaults(func=cmd_status)
+    move = sub.add_parser("move-history", help="copy another instance's runs and history into $DAGSTER_HOME's "
+                                               "(e.g. local SQLite -> cluster PostgreSQL)")
+    move.add_argument("--from", dest="source", required=True, help="the old DAGSTER_HOME (its dagster.yaml)")
+    move.set_defaults(func=cmd_move_history)
     args = parser.parse_args(argv)
     if getattr(args, "range_to", None) and not args.range_from:
         parser.error("--to needs --from")

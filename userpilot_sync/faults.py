@@ -7,8 +7,12 @@ complete manifest) sets ``USERPILOT_SYNC_PAUSE_AT`` to a comma-separated list of
 sees the file and passes on. Without the two variables (every real deployment) a pause point is
 one dictionary lookup and does nothing.
 
+``USERPILOT_SYNC_PAUSE_SCOPE`` (optional) limits the points to one sync job: a point called with
+another ``scope`` passes (the cluster suite arms every worker, and only its crash sync job stops).
+
 Points (names are part of the test contract):
 
+* ``extracting``: the first records of an extraction are staged, the rest not yet received;
 * ``staged``: a run's days are staged on local disk, nothing has been written to the destination;
 * ``uploading``: the first data file of a day has been uploaded, the others not yet;
 * ``multipart``: an S3 multipart upload has its first part stored, not yet completed;
@@ -23,14 +27,19 @@ from pathlib import Path
 
 PAUSE_AT_ENV = "USERPILOT_SYNC_PAUSE_AT"
 PAUSE_DIR_ENV = "USERPILOT_SYNC_PAUSE_DIR"
-POINTS = ("staged", "uploading", "multipart", "before_manifest")
+PAUSE_SCOPE_ENV = "USERPILOT_SYNC_PAUSE_SCOPE"
+POINTS = ("extracting", "staged", "uploading", "multipart", "before_manifest")
 
 
-def pause_point(name: str) -> None:
-    """Sleep until killed if ``name`` is listed in ``USERPILOT_SYNC_PAUSE_AT`` and no process paused
-    there before (see the module docstring); otherwise return at once."""
+def pause_point(name: str, scope: str | None = None) -> None:
+    """Sleep until killed if ``name`` is listed in ``USERPILOT_SYNC_PAUSE_AT`` (and ``scope``, the
+    sync job, matches ``USERPILOT_SYNC_PAUSE_SCOPE`` when that is set) and no process paused there
+    before (see the module docstring); otherwise return at once."""
     wanted = os.environ.get(PAUSE_AT_ENV)
     if not wanted or name not in wanted.split(","):
+        return
+    only = os.environ.get(PAUSE_SCOPE_ENV)
+    if only and scope != only:
         return
     folder = os.environ.get(PAUSE_DIR_ENV)
     if not folder:

@@ -7,16 +7,26 @@ CLI). The lock is taken inside the run and held only while the run exports the d
 ends, and two runs can never wait on each other in a cycle: every holder is inside its export
 step, and days of a range are always locked in ascending order.
 
-Backend: an OS file lock (``flock``) on ``<root>/<sync job>/.locks/<day>.lock``. The kernel
-releases it when the holding process dies (kill -9 included), so a crashed run never blocks the
-day. The backend is one small class (:class:`FileLockBackend`); a database-backed backend for runs
-spread over several machines implements the same two methods.
+Backends (the same two methods, :class:`LockBackend`):
+
+* :class:`FileLockBackend` (one machine, the ``local`` deployment): an OS file lock (``flock``) on
+  ``<root>/<sync job>/.locks/<day>.lock``. The kernel releases it when the holding process dies
+  (kill -9 included), so a crashed run never blocks the day.
+* :class:`PostgresLockBackend` (runs spread over machines, the ``cluster`` deployment): a
+  session-level advisory lock (``pg_try_advisory_lock``) in the PostgreSQL database of the Dagster
+  instance, held by one connection per run process. PostgreSQL releases it when that connection
+  ends — the process exited, was killed, or its machine vanished (after the TCP keepalive time) —
+  so a dead worker never blocks a day either. The connection also names its run
+  (``application_name``), which is how the run watchdog (``defs/recovery.py``) tells a run whose
+  process died on another machine: a run in progress whose session is gone is dead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
@@ -90,6 +100,132 @@ class FileLockBackend:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+#: ``application_name`` of the connection of a run's process: this prefix and the run id
+#: (PostgreSQL keeps 63 bytes; a Dagster run id is 36).
+RUN_SESSION_PREFIX = "userpilot_sync run "
+
+
+def lock_key(sync_job: str, partition: str) -> int:
+    """The advisory-lock key of (sync job, partition): the first 8 bytes of a BLAKE2b hash of
+    ``userpilot_sync/<sync job>/<partition>``, as a signed 64-bit integer (PostgreSQL ``bigint``).
+    Two different days collide with probability 2**-64 (a collision only serialises them)."""
+    digest = hashlib.blake2b(f"userpilot_sync/{sync_job}/{partition}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def psycopg2_dsn(url: str) -> str:
+    """A libpq connection URL from an SQLAlchemy one (``postgresql+psycopg2://`` → ``postgresql://``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    return f"{scheme.split('+', 1)[0]}://{rest}"
+
+
+class PostgresLockBackend:
+    """Session-level advisory locks in PostgreSQL (``url``: the Dagster instance's database).
+
+    One connection per process and database (autocommit), opened on first use and kept until the
+    process exits: every lock of the process lives in that session, and PostgreSQL releases them
+    all when the session ends — normally with the process, or when a killed process's socket is
+    closed by its kernel, or, for a vanished machine, when TCP keepalives give up (the connection
+    asks for probes after 10 s idle, every 5 s, 3 probes: about 25 s). The session's
+    ``application_name`` names the run it serves (:meth:`serve_run`), for the run watchdog.
+
+    Like :class:`FileLockBackend`, a lock this process still holds for another owner is stale and
+    is taken over (advisory locks are re-entrant within a session, so the key is locked once only).
+    Raises :class:`~userpilot_sync.errors.UserpilotSyncError` naming the database host when
+    PostgreSQL cannot be reached.
+    """
+
+    _connections: dict[tuple[str, int], object] = {}
+    #: (url, pid, lock key) -> owner, for locks held by this process (a forked child holds none).
+    _held: dict[tuple[str, int, int], str] = {}
+    _mutex = threading.Lock()
+
+    def __init__(self, url: str):
+        self.url = psycopg2_dsn(url)
+
+    def _connection(self):
+        import psycopg2
+
+        key = (self.url, os.getpid())  # a forked child never shares its parent's session
+        conn = self._connections.get(key)
+        if conn is not None and not conn.closed:
+            return conn
+        if conn is not None:  # the session ended (database restarted): its locks are gone
+            for held in [k for k in self._held if k[:2] == key]:
+                del self._held[held]
+        try:
+            conn = psycopg2.connect(self.url, application_name="userpilot_sync", connect_timeout=10,
+                                    keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+        except psycopg2.Error as exc:
+            host = self.url.rsplit("@", 1)[-1].split("/", 1)[0]
+            raise UserpilotSyncError(
+                f"the lock database at {host} cannot be reached ({' '.join(str(exc).split())}); runs of the cluster deployment "
+                f"lock their days there (the Dagster instance's PostgreSQL). Check that it is up and that "
+                f"this worker can reach it. Nothing was written.") from None
+        conn.autocommit = True
+        self._connections[key] = conn
+        return conn
+
+    def _query(self, sql: str, params: tuple = ()):
+        import psycopg2
+
+        with self._mutex:
+            for attempt in (1, 2):
+                conn = self._connection()
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(sql, params)
+                        return cur.fetchone()
+                except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                    if attempt == 2 or not conn.closed:  # not a lost session: a real error
+                        raise
+                    # the session was lost (database restarted): its locks are gone; one new session
+
+    def serve_run(self, run_id: str) -> None:
+        """Name this process's session after run ``run_id`` (``application_name``), opening it if
+        needed: from now until the process exits (or serves the next run) the run counts as alive."""
+        self._query("SELECT set_config('application_name', %s, false)", (RUN_SESSION_PREFIX + run_id,))
+
+    def try_acquire(self, sync_job: str, partition: str, owner: str = "") -> tuple[str, int, str] | None:
+        key = lock_key(sync_job, partition)
+        held = (self.url, os.getpid(), key)
+        if held in self._held:  # this process holds it for an earlier run: stale, taken over
+            self._held[held] = owner
+            return self.url, key, owner
+        (acquired,) = self._query("SELECT pg_try_advisory_lock(%s)", (key,))
+        if not acquired:
+            return None
+        self._held[held] = owner
+        return self.url, key, owner
+
+    def release(self, handle: object) -> None:
+        url, key, owner = handle  # type: ignore[misc]
+        held = (url, os.getpid(), key)
+        if self._held.get(held) != owner:  # taken over by a later run since, or session lost
+            return
+        del self._held[held]
+        conn = self._connections.get((url, os.getpid()))
+        if conn is None or conn.closed:
+            return
+        with self._mutex, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+    def is_locked(self, sync_job: str, partition: str) -> bool:
+        """True when some session holds the lock of (sync job, partition) (tests, diagnostics)."""
+        row = self._query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+                          "AND ((classid::bigint << 32) | objid::bigint) = %s", (lock_key(sync_job, partition),))
+        return bool(row and row[0])
+
+    def live_runs(self) -> set[str]:
+        """Run ids whose process has a session open in the database (:meth:`serve_run`)."""
+        with self._mutex, self._connection().cursor() as cur:
+            cur.execute("SELECT application_name FROM pg_stat_activity WHERE application_name LIKE %s",
+                        (RUN_SESSION_PREFIX + "%",))
+            return {name[len(RUN_SESSION_PREFIX):] for (name,) in cur.fetchall()}
 
 
 @contextlib.contextmanager

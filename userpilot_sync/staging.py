@@ -39,6 +39,7 @@ import polars as pl
 import pyarrow as pa
 
 from userpilot_sync.errors import SourceError, ValidationError
+from userpilot_sync.faults import pause_point
 from userpilot_sync.partitions import day_window
 from userpilot_sync.schema.events import EVENT_TYPES, staged_arrow_schema
 from userpilot_sync.source.base import Extraction, SourceBatch
@@ -280,6 +281,7 @@ def stage_days(
             received[key] += part.height
             by_type[key][event_type] += part.height
             writers.write(day, event_type, hour, part.drop("_day", "_hour").to_arrow())
+        pause_point("extracting", scope=sync_job)  # fault-injection suite only: a no-op otherwise
 
     try:
         for group in _coalesced(extraction.batches):

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: takes about a fifth of the suite's time.
 SLOW_MODULES = (
     "test_faults.py",
+    "test_cluster.py",
     "test_reexports.py",
     "test_ui.py",
     "test_definitions.py",
@@ -44,6 +45,7 @@ SLOW_MODULES = (
     "test_manifest_v2.py",
     "test_instance_init.py",
     "test_guards.py",
+    "test_move_history.py",
 )
 
 #: xdist modes that keep a module whole on one worker. ``load``/``worksteal`` (what ``-n 2`` alone

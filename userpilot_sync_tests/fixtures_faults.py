@@ -474,12 +474,20 @@ class DagsterDev:
                 raise AssertionError(f"{what}: not within {timeout:.0f} s (last seen: {last!r})\n{self.log_tail()}")
             time.sleep(interval)
 
+    def check_alive(self) -> None:
+        """Raise AssertionError when the webserver's process has exited."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"dagster dev exited ({self.proc.returncode})\n{self.log_tail()}")
+
+    def check_port(self) -> None:
+        """The webserver that answered is this dagster dev's, not one that took the port first."""
+        assert listens_on(self.proc.pid, self.port), f"port {self.port} is another process's\n{self.log_tail()}"
+
     def wait_loaded(self, timeout: float = 180) -> None:
         import httpx
 
         def loaded():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dagster dev exited ({self.proc.returncode})\n{self.log_tail()}")
+            self.check_alive()
             try:
                 data = self.gql("{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
                                 "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
@@ -490,8 +498,7 @@ class DagsterDev:
 
         if self.location is None:
             entry = self.wait("the code location loading", loaded, timeout)
-            # the webserver that answered is this dagster dev's, not one that took the port first
-            assert listens_on(self.proc.pid, self.port), f"port {self.port} is another process's\n{self.log_tail()}"
+            self.check_port()
             assert entry["locationOrLoadError"]["__typename"] == "RepositoryLocation", entry
             self.location = entry["name"]
 

@@ -26,6 +26,7 @@ holds the whole day. The step, for its day or backfill range:
 """
 
 
+import os
 from datetime import timedelta
 from typing import Iterator
 
@@ -35,7 +36,7 @@ from userpilot_sync.defs import checks
 from userpilot_sync.defs.failures import failure, tag_run
 from userpilot_sync.defs.io_managers import DocumentedBatch, ExportBatch, LookupTables, ManifestBatch, ReplacingManifests
 from userpilot_sync.documented.day import compute_day_files
-from userpilot_sync.documented.state import SnapshotStore, backend_for
+from userpilot_sync.documented.state import STATE_DIR_ENV, SnapshotStore, backend_for, state_is_worker_local
 from userpilot_sync.defs.keys import CHECK_DAY_EXPORTED, FAILURE_TAG, STAGING_RESOURCE_KEY, SyncJobKeys
 from userpilot_sync.defs.ledger import (
     ROWS_RECEIVED_KEY,
@@ -46,12 +47,13 @@ from userpilot_sync.defs.ledger import (
     record_metadata,
 )
 from userpilot_sync.defs.notifications import check_problems, notify_run_days
-from userpilot_sync.defs.recovery import worker_tags
+from userpilot_sync.defs.recovery import SESSION_POSTGRES, SESSION_TAG, WORKER_NAME_TAG, worker_name, worker_tags
 from userpilot_sync.defs.resources import SourceResource, StagingResource
 from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.destination.superseded import superseded_paths
 from userpilot_sync.errors import DestinationError, UserpilotSyncError, ValidationError, WindowError
 from userpilot_sync.faults import pause_point
+from userpilot_sync.locks import PostgresLockBackend
 from userpilot_sync.guards import (
     ALLOW_SHRINK_TAG,
     allows_shrink,
@@ -245,11 +247,24 @@ def _notify_run_failure(context: dg.AssetExecutionContext, keys: SyncJobKeys, ex
 
 def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys) -> Iterator:
     job = keys.job
+    staging: StagingResource = getattr(context.resources, STAGING_RESOURCE_KEY)
+    backend = staging.lock_backend(context.instance)
     tags = worker_tags(context.run_id)  # lets recovery tell a dead run
+    if isinstance(backend, PostgresLockBackend):  # cluster: the session exists before the tag says so
+        if set(job.userpilot_files) & {"all_users", "all_companies"} and state_is_worker_local(job):
+            raise failure(job.name, _label(list(context.partition_keys)),
+                          f"the snapshot state store is a folder in this worker's staging ({staging.path}/_state), but "
+                          f"this instance runs on several workers (PostgreSQL): each worker would chain the "
+                          f"all_users/all_companies snapshots alone. Set state: {{kind: s3|gcs, ...}} in the sync job's "
+                          f"file, or {STATE_DIR_ENV} on every worker to a folder they all share (docs/deploy.md). "
+                          f"Nothing was written.")
+        backend.serve_run(context.run_id)
+        tags[SESSION_TAG] = SESSION_POSTGRES
     if context.run.tags.get(FAILURE_TAG):  # inherited from the parent of a re-execution
         tags[FAILURE_TAG] = ""
     context.instance.add_run_tags(context.run_id, tags)
-    staging: StagingResource = getattr(context.resources, STAGING_RESOURCE_KEY)
+    context.log.info(f"sync job {job.name!r}: running on worker {tags[WORKER_NAME_TAG]} (pid {os.getpid()}), "
+                     f"staging in {staging.path}, day locks: {type(backend).__name__}")
     source: SourceResource = getattr(context.resources, keys.source_resource)
     ledger = Ledger(context.instance, keys)
     plan = _plan(context, keys, ledger)
@@ -260,7 +275,7 @@ def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys)
                          f"(at most {staging.lock_wait_s:.0f} s)")
 
     try:
-        staging.hold_days(job, days, owner=context.run_id, on_wait=waiting, log=context.log.warning)
+        staging.hold_days(job, days, owner=context.run_id, on_wait=waiting, log=context.log.warning, backend=backend)
         yield from _export_locked(context, keys, staging, source, ledger, plan)
     except UserpilotSyncError as exc:  # lock timeout, source errors: nothing was written
         raise failure(job.name, _label(days), str(exc)) from None
@@ -330,7 +345,8 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
                                    unknown_columns=day.unknown_columns)
         # counted over the whole extraction (one day, or the run's range): named as such
         metadata.update({"dagster/row_count": day.rows_received, "extraction_computed_ids": day.computed_ids,
-                         "extraction_rows_outside_window": day.rows_outside_window})
+                         "extraction_rows_outside_window": day.rows_outside_window,
+                         "userpilot/worker": f"{worker_name()} pid {os.getpid()}"})
         if pk in failed:
             metadata["reason"] = failed[pk]
         context.add_asset_metadata(metadata, asset_key=keys.raw_events, partition_key=pk)

@@ -166,3 +166,16 @@ def open_instance(wait_s: float | None = None) -> Iterator[dg.DagsterInstance]:
             raise
     with instance:
         yield instance
+
+
+def instance_postgres_url(instance: dg.DagsterInstance) -> str | None:
+    """The SQLAlchemy URL of the PostgreSQL database the instance stores its runs in
+    (dagster-postgres' ``PostgresRunStorage.postgres_url``), or None for any other storage
+    (SQLite: the ``local`` deployment). The ``cluster`` deployment's per-day locks and run
+    watchdog use this database (``locks.PostgresLockBackend``)."""
+    try:
+        storage = instance.run_storage
+    except Exception:  # an instance without run storage (never in this project)
+        return None
+    url = getattr(storage, "postgres_url", None)
+    return url if isinstance(url, str) and url.startswith("postgres") else None

@@ -29,7 +29,7 @@ from userpilot_sync.destination.journal import UploadJournal
 from userpilot_sync.destination.storage import Storage
 from pydantic import PrivateAttr
 
-from userpilot_sync.locks import PARTITION_LOCK_WAIT_S, FileLockBackend, partition_locks
+from userpilot_sync.locks import PARTITION_LOCK_WAIT_S, FileLockBackend, LockBackend, PostgresLockBackend, partition_locks
 from userpilot_sync.partitions import parse_partition
 from userpilot_sync.source.base import EventSource
 from userpilot_sync.source.factory import build_source
@@ -40,7 +40,10 @@ class StagingResource(dg.ConfigurableResource):
     """Local staging of raw events (``root``, a folder) and the per-day locks kept under it.
 
     ``lock_wait_s``: how long a run waits (seconds) for another run of the same sync job and
-    partition before it fails (nothing written). :meth:`hold_days` takes a run's day locks and
+    partition before it fails (nothing written). ``locks``: where the per-day locks live —
+    ``auto`` (default): PostgreSQL advisory locks when the Dagster instance stores its runs in
+    PostgreSQL (the ``cluster`` deployment: runs on several machines), else file locks under
+    ``root`` (one machine); ``file`` or ``postgres`` to force one. :meth:`hold_days` takes a run's day locks and
     arranges for its staging to be removed; both are released by :meth:`release_days` or, at the
     latest, when Dagster tears the resource down at the end of the run — also when the step failed
     in an IO manager, where Dagster drops the step's generator without running its ``finally``.
@@ -48,16 +51,30 @@ class StagingResource(dg.ConfigurableResource):
 
     root: str
     lock_wait_s: float = PARTITION_LOCK_WAIT_S
+    locks: str = "auto"
     _held: contextlib.ExitStack | None = PrivateAttr(default=None)
+    _backend: LockBackend | None = PrivateAttr(default=None)
 
     @property
     def path(self) -> Path:
         return Path(self.root)
 
-    def lock_backend(self) -> FileLockBackend:
-        return FileLockBackend(self.path)
+    def lock_backend(self, instance: dg.DagsterInstance | None = None) -> LockBackend:
+        """The lock backend for runs of ``instance`` (see ``locks``); raises ValueError for an
+        unknown ``locks`` value or ``postgres`` on an instance that does not store runs in PostgreSQL."""
+        from userpilot_sync.defs.instance import instance_postgres_url
 
-    def hold_days(self, job: SyncJob, days: list[str], *, owner: str, on_wait=None, log=None) -> None:
+        if self.locks not in ("auto", "file", "postgres"):
+            raise ValueError(f"userpilot_staging.locks is {self.locks!r}: use auto, file or postgres")
+        url = instance_postgres_url(instance) if instance is not None and self.locks != "file" else None
+        if self.locks == "postgres" and url is None:
+            raise ValueError("userpilot_staging.locks is 'postgres' but the Dagster instance does not store its runs in "
+                             "PostgreSQL (deploy/cluster/dagster.yaml does): use locks: auto or file, or the cluster "
+                             "instance")
+        return PostgresLockBackend(url) if url else FileLockBackend(self.path)
+
+    def hold_days(self, job: SyncJob, days: list[str], *, owner: str, on_wait=None, log=None,
+                  backend: LockBackend | None = None) -> None:
         """Lock ``days`` of ``job`` for run ``owner`` (ascending, bounded wait; LockTimeout), remove
         what crashed runs left in the job's staging (``log(message)`` is told each folder, its age
         and size), and arrange for the run's own staging to be removed (``keep_staging_days``)
@@ -66,7 +83,7 @@ class StagingResource(dg.ConfigurableResource):
 
         self.release_days()
         stack = contextlib.ExitStack()
-        backend = self.lock_backend()
+        backend = backend or self.lock_backend()
         stack.enter_context(partition_locks(backend, job.name, days, owner=owner,
                                             wait_s=self.lock_wait_s, on_wait=on_wait))
         stack.callback(clean_staging, self.path, job, days)

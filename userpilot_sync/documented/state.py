@@ -146,12 +146,30 @@ class GcsBackend:
             pass
 
 
+#: A folder for the local state stores that name no ``path`` (default: ``<staging root>/_state``):
+#: set it to a folder every worker shares when runs of one sync job run on several workers.
+STATE_DIR_ENV = "USERPILOT_SYNC_STATE_DIR"
+
+
+def local_state_root(job: Any, staging_root: Path | str) -> Path | None:
+    """The folder of a local state store: ``state.path``, else ``$USERPILOT_SYNC_STATE_DIR``, else
+    ``<staging root>/_state`` (None for S3/GCS stores)."""
+    if job.state.kind != "local":
+        return None
+    return Path(job.state.path or os.environ.get(STATE_DIR_ENV) or Path(staging_root) / "_state")
+
+
+def state_is_worker_local(job: Any) -> bool:
+    """True when the state store is the default folder inside a worker's own staging: fine on one
+    machine, wrong when runs of the sync job go to several workers (each would chain alone)."""
+    return job.state.kind == "local" and not job.state.path and not os.environ.get(STATE_DIR_ENV)
+
+
 def backend_for(job: Any, staging_root: Path | str) -> Backend:
     """The state backend of a sync job (its ``state`` setting), rooted at ``<root>/<sync job>``."""
     state = job.state
     if state.kind == "local":
-        root = Path(state.path) if state.path else Path(staging_root) / "_state"
-        return LocalBackend(root / job.name)
+        return LocalBackend(local_state_root(job, staging_root) / job.name)
     prefix = f"{state.prefix.strip('/')}/{job.name}".strip("/")
     if state.kind == "s3":
         return S3Backend(state.bucket, prefix, region=state.region, endpoint_url=state.endpoint_url)
