@@ -107,6 +107,7 @@ def test_an_instance_config_loads_with_dagsters_own_schema(name, text, tmp_path,
         source = config["run_launcher"]["config"]["config_source"]
         assert source["task_track_started"] is True and source["worker_max_tasks_per_child"] == 1
         assert source["task_acks_late"] is False
+        assert source["worker_disable_prefetch"] is True  # a busy worker leaves the next run to an idle one
 
 
 @pytest.mark.parametrize("mutate,expected", [
