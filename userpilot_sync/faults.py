@@ -7,11 +7,13 @@ complete manifest) sets ``USERPILOT_SYNC_PAUSE_AT`` to a comma-separated list of
 sees the file and passes on. Without the two variables (every real deployment) a pause point is
 one dictionary lookup and does nothing.
 
-``USERPILOT_SYNC_PAUSE_SCOPE`` (optional) limits the points to one sync job: a point called with
-another ``scope`` passes (the cluster suite arms every worker, and only its crash sync job stops).
+An entry ``<point>@<sync job>`` limits a point to one sync job (the cluster suite arms every
+worker, and only its crash sync jobs stop): a point reached for another sync job passes.
 
 Points (names are part of the test contract):
 
+* ``run_start``: a Celery worker's child took a run and opened its database session, Dagster has
+  not started the run yet (``userpilot_sync/cluster/worker.py``);
 * ``extracting``: the first records of an extraction are staged, the rest not yet received;
 * ``staged``: a run's days are staged on local disk, nothing has been written to the destination;
 * ``uploading``: the first data file of a day has been uploaded, the others not yet;
@@ -27,19 +29,21 @@ from pathlib import Path
 
 PAUSE_AT_ENV = "USERPILOT_SYNC_PAUSE_AT"
 PAUSE_DIR_ENV = "USERPILOT_SYNC_PAUSE_DIR"
-PAUSE_SCOPE_ENV = "USERPILOT_SYNC_PAUSE_SCOPE"
-POINTS = ("extracting", "staged", "uploading", "multipart", "before_manifest")
+POINTS = ("run_start", "extracting", "staged", "uploading", "multipart", "before_manifest")
 
 
 def pause_point(name: str, scope: str | None = None) -> None:
-    """Sleep until killed if ``name`` is listed in ``USERPILOT_SYNC_PAUSE_AT`` (and ``scope``, the
-    sync job, matches ``USERPILOT_SYNC_PAUSE_SCOPE`` when that is set) and no process paused there
-    before (see the module docstring); otherwise return at once."""
+    """Sleep until killed if ``name`` is listed in ``USERPILOT_SYNC_PAUSE_AT`` (as ``name``, or as
+    ``name@<scope>`` with ``scope`` the sync job) and no process paused there before (see the module
+    docstring); otherwise return at once."""
     wanted = os.environ.get(PAUSE_AT_ENV)
-    if not wanted or name not in wanted.split(","):
+    if not wanted:
         return
-    only = os.environ.get(PAUSE_SCOPE_ENV)
-    if only and scope != only:
+    for entry in wanted.split(","):
+        point, _, only = entry.partition("@")
+        if point == name and (not only or only == scope):
+            break
+    else:
         return
     folder = os.environ.get(PAUSE_DIR_ENV)
     if not folder:

@@ -4,8 +4,10 @@ separate staging folders, the daemon and the webserver (``userpilot_sync.cluster
 
 Sync jobs: ``alpha`` and ``beta`` (two app tokens, no documented files, one run per day in a
 backfill of two days) and ``gamma`` (its own app token, the default documented files: its snapshot state must
-be shared by the workers). Every worker is armed with the pause point ``extracting`` for ``gamma``
-only: the first run of gamma stops mid-extraction, and the test kills its whole worker.
+be shared by the workers), ``delta`` (its own app token). Every worker is armed with two pause
+points: ``run_start`` for ``delta`` (the worker took the run, Dagster has not started it) and
+``extracting`` for ``gamma`` (mid-extraction); each first run stops there and the test kills its
+whole worker.
 
 Asserted by values: which worker ran each run (its Celery node name, recorded in the run's tags and
 in each day's metadata), step time spans (extractions of one app token never overlap), the lock
@@ -24,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from userpilot_sync.config.model import SyncJob
-from userpilot_sync.faults import PAUSE_AT_ENV, PAUSE_DIR_ENV, PAUSE_SCOPE_ENV
+from userpilot_sync.faults import PAUSE_AT_ENV, PAUSE_DIR_ENV
 from userpilot_sync.locks import PostgresLockBackend, lock_key
 from userpilot_sync.pipeline import sync_partition
 from userpilot_sync_tests.fixtures_cluster import ClusterUI, logs_tail, start_cluster, stop_cluster, tags_of
@@ -49,10 +51,12 @@ def env(tmp_path_factory):
                       events_per_day=2000, seed=4, userpilot_files=[], backfill_days_per_run=1),
         sync_job_data("gamma", "cl-gamma", local_destination(exports / "gamma"), app_token="NX-clusterC",
                       events_per_day=3000, seed=5),
+        sync_job_data("delta", "cl-delta", local_destination(exports / "delta"), app_token="NX-clusterD",
+                      events_per_day=1000, seed=6, userpilot_files=[]),
     ])
     cluster = start_cluster(root / "c", {
         "USERPILOT_SYNC_JOBS_DIR": str(root / "sync_jobs"),
-        PAUSE_AT_ENV: "extracting", PAUSE_DIR_ENV: str(root / "pause"), PAUSE_SCOPE_ENV: "gamma",
+        PAUSE_AT_ENV: "run_start@delta,extracting@gamma", PAUSE_DIR_ENV: str(root / "pause"),
     })
     (root / "pause").mkdir()
     ui = ClusterUI(root=root, env={}, port=cluster.web_port, cluster=cluster)
@@ -184,6 +188,45 @@ def test_two_runs_of_one_day_on_different_workers_never_interleave(env):
     assert not env["locks"].is_locked("alpha", pk)
 
 
+def _revive(cluster) -> None:
+    """Start again every worker a test killed (same name and staging folder)."""
+    dead = [name for name in cluster.worker_names if not cluster.services[name].alive()]
+    for name in dead:
+        cluster.start_worker(name)
+    cluster.wait_workers(dead)
+
+
+def _watchdog_failed(ui: ClusterUI, run_id: str) -> tuple[dict, float]:
+    killed_at = time.monotonic()
+    failed = ui.wait("the watchdog failing the dead run", lambda: (r if (r := ui.run(run_id))["status"] in DONE else None),
+                     timeout=60, interval=0.5)
+    return failed, time.monotonic() - killed_at
+
+
+def test_a_worker_killed_before_dagster_started_the_run_is_caught_too(env):
+    ui: ClusterUI = env["ui"]
+    cluster = env["cluster"]
+    pause = env["root"] / "pause" / "run_start"
+    run_id = ui.launch("delta", GAMMA_DAYS[0])
+    ui.wait("delta's run paused before it started", pause.exists, timeout=180, interval=0.5)
+    run = ui.run(run_id)
+    tags = tags_of(run)
+    assert run["status"] in ("STARTING", "STARTED") and run["stepStats"] == [], run
+    assert tags["userpilot_sync/session"] == "postgres" and run_id in env["locks"].live_runs()  # the worker's hook
+    victim = tags["userpilot_sync/worker_name"].split("@")[0]
+    cluster.services[victim].kill()
+    failed, detected_s = _watchdog_failed(ui, run_id)
+    assert failed["status"] == "FAILURE"
+    assert "session in the instance's database ended" in " ".join(e["message"] for e in ui.events(run_id))
+    retry = ui.wait("the automatic re-run", lambda: next((r for r in ui.runs() if r["parentRunId"] == run_id), None),
+                    timeout=60, interval=0.5)
+    (retried,) = _finished(ui, [retry["runId"]], timeout=240)
+    assert retried["status"] == "SUCCESS", logs_tail(cluster)
+    assert tags_of(retried)["userpilot_sync/worker_name"].split("@")[0] != victim
+    print(f"\ncluster: run killed before it started failed {detected_s:.1f} s after its worker was killed")
+    _revive(cluster)
+
+
 def test_a_killed_worker_frees_its_lock_and_slot_and_the_run_is_run_again_cleanly(env, tmp_path):
     ui: ClusterUI = env["ui"]
     cluster = env["cluster"]
@@ -203,11 +246,8 @@ def test_a_killed_worker_frees_its_lock_and_slot_and_the_run_is_run_again_cleanl
         activeRunIds } } }""", {"p": pool})["instance"]["concurrencyLimit"]["activeRunIds"]
     assert slots == [run_id]
 
-    killed_at = time.monotonic()
     cluster.services[victim].kill()  # SIGKILL to the whole worker: main process and its child
-    failed = ui.wait("the watchdog failing the dead run", lambda: (r if (r := ui.run(run_id))["status"] in DONE else None),
-                     timeout=60, interval=0.5)
-    detected_s = time.monotonic() - killed_at
+    failed, detected_s = _watchdog_failed(ui, run_id)
     assert failed["status"] == "FAILURE"
     messages = " ".join(e["message"] for e in ui.events(run_id))
     assert "died" in messages and "session in the instance's database ended" in messages, messages[-2000:]

@@ -15,7 +15,8 @@ judges them).
 
 Runs spread over machines (the ``cluster`` deployment: the instance in PostgreSQL, runs on Celery
 workers) cannot be judged by pid from the daemon's machine. There the run's process opens a
-session in the instance's database before it tags itself (``locks.PostgresLockBackend.serve_run``:
+session in the instance's database (first in the Celery worker's ``task_prerun`` hook, before
+Dagster starts the run; again in the day step, for runs launched otherwise) before it tags itself (``locks.PostgresLockBackend.serve_run``:
 ``application_name`` = ``userpilot_sync run <run id>``, tag ``userpilot_sync/session: postgres``),
 holds its day locks in that session, and keeps it until the process exits. The watchdog fails a
 run in progress whose session is gone, wherever it ran: PostgreSQL ends the session of a killed
