@@ -58,7 +58,26 @@ test-fast: install
 check: install
 	$(BIN)/dg check defs
 
-bench: install
+# The `dlt` contender's own environment (docs/performance.md): dlt[s3] pins botocore, so dlt never
+# enters the product's lock. Pinned in benchmarks/requirements-dlt.txt (from requirements-dlt.in).
+DLT_VENV := .venv-dlt
+.PHONY: bench-dlt-env bench-dlt-lock
+
+$(DLT_VENV)/.installed: benchmarks/requirements-dlt.txt
+	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check uv
+	@test -x $(DLT_VENV)/bin/python || $(PYTHON) -m uv venv $(DLT_VENV) --python $(PYTHON)
+	$(PYTHON) -m uv pip sync --python $(DLT_VENV)/bin/python benchmarks/requirements-dlt.txt
+	@touch $@
+
+bench-dlt-env: $(DLT_VENV)/.installed
+
+# Re-pin benchmarks/requirements-dlt.txt after editing benchmarks/requirements-dlt.in.
+bench-dlt-lock:
+	$(PYTHON) -m uv pip compile benchmarks/requirements-dlt.in --python-version 3.11 \
+		--custom-compile-command "make bench-dlt-lock" -o benchmarks/requirements-dlt.txt
+
+# 1M, 5M and 10M events (10M: exporter and floor only), dlt, the 365-day backfill, snapshot_1m.
+bench: install bench-dlt-env
 	$(BIN)/python -m benchmarks.run
 
 # A backfill of 2 sync jobs x 90 days x 20k events on the cluster shape, one worker vs two (docs/deploy.md).

@@ -3,6 +3,7 @@
     python -m benchmarks.children s3server                      local moto S3 server on 127.0.0.1
     python -m benchmarks.children generate <json args>          demo events -> Parquet chunk files
     python -m benchmarks.children exporter|naive|floor <json>   one measured export
+    (the ``dlt`` contender runs in its own environment: benchmarks/dlt_child.py)
     python -m benchmarks.children snapshot_setup <json>         the snapshot benchmark's state store
     python -m benchmarks.children snapshot|snapshot_replay <json>  one measured snapshot day / replay
                                                                 (benchmarks/snapshots.py)
@@ -15,6 +16,7 @@ every contender). The parent measures peak RSS itself with ``os.wait4`` (the chi
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -134,12 +136,16 @@ def exporter(args: dict) -> None:
     day = date.fromisoformat(args["day"])
     now = datetime(day.year, day.month, day.day, 12, tzinfo=timezone.utc) + timedelta(days=1)
     staging = Path(tempfile.mkdtemp(prefix="bench-staging-", dir=args.get("tmp")))
+    # seconds per stage, filled by sync_partition when it has the `timings` keyword (newer versions)
+    timings: dict | None = {} if "timings" in inspect.signature(sync_partition).parameters else None
+    extra_kwargs = {"timings": timings} if timings is not None else {}
     try:
         t0 = time.perf_counter()
         result = sync_partition(job, args["day"], staging, storage=storage, source=FilesSource(args["data"]),
-                                run_id="bench", now=now)
+                                run_id="bench", now=now, **extra_kwargs)
         _finish(t0, {"rows": sum(rows_by_event_type(result.manifest).values()),
-                     "output_bytes": sum(f.bytes for f in result.files), "files": len(result.files)})
+                     "output_bytes": sum(f.bytes for f in result.files), "files": len(result.files),
+                     **({"stages": timings} if timings is not None else {})})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -1,26 +1,32 @@
-"""Prepare one export (one event type of one partition) from staged raw events.
+"""Prepare one export (one event type of one partition) from staged raw events, encoded once.
 
-For each hour bucket of the event type, in hour order:
+The staged hours of the event type (``StagedDay.hours``) are read in hour order, in groups of
+consecutive hours of about ``VALIDATION_ROWS`` staged rows (record batches read from the staged files). For
+each group:
 
 1. apply the sync job's filters (event names include/exclude globs, user/company lists);
 2. add the parsed interaction columns (``entity_type``, ``entity_id``, ``interaction_status``);
 3. drop exact duplicates (same ``internal_event_id``, same content) — exact duplicates share
-   ``inserted_at`` (a hashed field), hence the same hour bucket;
-4. refuse ids seen twice with different content (a ValidationError naming samples);
-5. sort stably by (``inserted_at``, ``internal_event_id``);
-6. validate with the event type's pandera schema (data level, eager frame), in groups of
-   consecutive buckets of about ``VALIDATION_ROWS`` rows (one pandera call per group);
-7. write each group to ``prepared/<event_type>/<NNNNN>.arrow`` (Arrow IPC, like staging).
+   ``inserted_at`` (a hashed field), hence the same hour: duplicates are looked for per hour;
+4. refuse ids seen twice within an hour with different content (a ValidationError naming samples);
+5. sort stably by (``inserted_at``, ``internal_event_id``) — hours are disjoint ranges of
+   ``inserted_at``, so sorting a run of hours at once orders it exactly as hour by hour;
+6. validate with the event type's pandera schema (data level, eager frame, one call per group);
+7. hand the validated rows to one streaming writer per export format
+   (``destination/formats.py:PartsWriter``), which encodes them to local part files under
+   ``<out_dir>/<format>/`` — the only encode: the bytes that upload are the bytes validated here;
+   optionally (``keep_rows``) also to ``<out_dir>/<NNNNN>.arrow`` for Userpilot's documented files,
+   which read the export's rows again.
 
-Buckets are processed one at a time (memory ~ one group of ``VALIDATION_ROWS`` rows plus one hour bucket), and since buckets
-are written in hour order the export is globally ordered and de-duplicated. The result, a
-:class:`PreparedExport`, is a handle to validated files that the destination's writers stream
-out; nothing reaches the destination unless every bucket validated.
+When the ids of a group are all distinct (the usual case) steps 3-4 cost one hash of one column;
+otherwise the group is processed hour by hour. Memory: about one group plus the writers' buffers,
+never the day. The result, a :class:`PreparedExport`, is a handle to the encoded parts; nothing
+reaches the destination here, and the caller uploads a day only after every event type of the day
+prepared (``pipeline.prepare_days``).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import re
 import shutil
@@ -32,25 +38,30 @@ from typing import Iterator
 import polars as pl
 import pyarrow as pa
 
-from userpilot_sync.config.model import Filters, SyncJob
+from userpilot_sync.config.model import Filters, FormatSpec, SyncJob
+from userpilot_sync.destination.formats import LocalPart, PartsWriter
 from userpilot_sync.errors import ValidationError
 from userpilot_sync.partitions import day_window, parse_partition
 from userpilot_sync.schema.events import KNOWN_INTERACTION_STATUSES, KNOWN_SOURCES, export_arrow_schema
 from userpilot_sync.schema.validation import validate_export_frame
-from userpilot_sync.staging import STAGED_SUFFIX, IpcFileWriter, StagedDay, read_ipc_files
+from userpilot_sync.staging import STAGED_SUFFIX, IpcFileWriter, StagedDay
 
 PREPARED_RECORD = "prepared.json"
 SORT_KEY = ("inserted_at", "internal_event_id")
-#: Buckets are validated and written in groups of at least this many rows (bounded memory).
-VALIDATION_ROWS = 200_000
+#: Hours are read, validated and encoded in groups of at least this many staged rows (bounded memory:
+#: with one group per preparing thread the 5M-event day stays under 600 MB, docs/performance.md).
+VALIDATION_ROWS = 65_536
 
 
 @dataclass
 class PreparedExport:
-    """A validated, de-duplicated, ordered export waiting to be written to the destination.
+    """A validated, de-duplicated, ordered export, encoded and waiting to be uploaded.
 
-    ``files`` are Arrow IPC files (in order) whose rows, concatenated, are the export; their
-    columns are exactly :func:`~userpilot_sync.schema.events.export_arrow_schema`.
+    ``parts`` maps each export format (``parquet``, ``ndjson``, ``csv``, ``avro``) to its local
+    part files in order (``{"path", "rows", "bytes", "sha256"}``: bytes and sha256 of the file as
+    it will upload). ``files``, when the rows were kept (``keep_rows``), are Arrow IPC files whose
+    rows, concatenated, are the export, with exactly the columns of
+    :func:`~userpilot_sync.schema.events.export_arrow_schema`; otherwise empty.
     """
 
     sync_job: str
@@ -66,13 +77,27 @@ class PreparedExport:
     unknown_statuses: dict[str, int] = field(default_factory=dict)
     entity_types: dict[str, int] = field(default_factory=dict)
     source_rows: int = 0
+    parts: dict[str, list[dict]] = field(default_factory=dict)
+    rows_kept: bool = False
 
     @property
     def arrow_schema(self) -> pa.Schema:
         return export_arrow_schema(self.event_type, self.exclude_columns)
 
+    def local_parts(self, fmt: str) -> list[LocalPart]:
+        """The encoded part files of one format, in order. Raises KeyError naming the export when
+        the format was not encoded (prepared for another sync job's formats)."""
+        if fmt not in self.parts:
+            raise KeyError(f"sync job {self.sync_job!r}, partition {self.partition}, event type {self.event_type!r}: "
+                           f"no {fmt} files were encoded (encoded: {sorted(self.parts) or 'none'})")
+        return [LocalPart(Path(p["path"]), p["rows"], p["bytes"], p["sha256"]) for p in self.parts[fmt]]
+
     def iter_batches(self, batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
-        """Stream the export's rows in order, as record batches of the export schema."""
+        """Stream the export's rows in order, as record batches of the export schema (only when the
+        rows were kept: ``prepare_export(..., keep_rows=True)``; raises ValueError otherwise)."""
+        if not self.rows_kept and self.rows:
+            raise ValueError(f"sync job {self.sync_job!r}, partition {self.partition}, event type "
+                             f"{self.event_type!r}: the rows were not kept (prepare with keep_rows=True)")
         schema = self.arrow_schema
         for path in self.files:
             reader = pa.ipc.open_file(pa.memory_map(str(path)))
@@ -142,23 +167,91 @@ def _add_interaction_columns(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _read_bucket(pattern: str) -> pl.DataFrame:
-    """One staged hour bucket (a glob of its IPC files, read in name order) as a frame."""
-    frame = pl.from_arrow(read_ipc_files(sorted(glob.glob(pattern))))
-    assert isinstance(frame, pl.DataFrame)
-    return frame
+class _StagedHours:
+    """Reads staged hours of one event type: memory-mapped record batches, by ``StagedDay.hours``."""
+
+    def __init__(self, staged: StagedDay, event_type: str):
+        self.staged = staged
+        self.event_type = event_type
+        self.readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        self.sources: list[pa.OSFile] = []
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+        self.sources.clear()
+        self.readers.clear()
+
+    def read(self, hours: list[tuple[int, list[tuple[int, int, int]]]]) -> pl.DataFrame:
+        """The rows of ``hours`` (in hour order, each hour in staged order) with an ``_hour`` column."""
+        batches: list[pa.RecordBatch] = []
+        hour_of_row: list[pl.Series] = []
+        for hour, refs in hours:
+            n = 0
+            for number, index, _ in refs:
+                reader = self.readers.get(number)
+                if reader is None:
+                    # plain reads, not a memory map: mapped pages of the staged files would count in the
+                    # process's memory (RSS) for as long as the file stays open
+                    source = pa.OSFile(str(self.staged.staged_file(self.event_type, number)))
+                    self.sources.append(source)
+                    reader = pa.ipc.open_file(source)
+                    self.readers[number] = reader
+                batch = reader.get_batch(index)
+                batches.append(batch)
+                n += batch.num_rows
+            hour_of_row.append(pl.repeat(hour, n, dtype=pl.Int8, eager=True))
+        frame = pl.from_arrow(pa.Table.from_batches(batches))
+        assert isinstance(frame, pl.DataFrame)
+        return frame.with_columns(pl.concat(hour_of_row).alias("_hour"))
 
 
-def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Path) -> PreparedExport:
-    """Filter, de-duplicate, order and validate one event type of a staged partition.
+def _dedupe_hour(frame: pl.DataFrame, job: SyncJob, partition: str, event_type: str) -> tuple[pl.DataFrame, int]:
+    """Exact duplicates dropped from one hour's rows; raises ValidationError on ids that clash."""
+    before = frame.height
+    frame = frame.unique(maintain_order=True)
+    clash = frame.filter(pl.col("internal_event_id").is_duplicated())
+    if clash.height:
+        ids = clash.get_column("internal_event_id").unique(maintain_order=True).head(5).to_list()
+        raise ValidationError(
+            f"sync job {job.name!r}, partition {partition}, event type {event_type!r}: "
+            f"column 'internal_event_id' has {clash.height} row(s) sharing an id with different content, "
+            f"e.g. {ids!r}; an id must identify one event. Fix the source data and re-materialize the "
+            f"partition. Nothing was exported for this partition."
+        )
+    return frame, before - frame.height
 
-    Writes ordered Parquet buckets under ``out_dir`` (replaced if present). Raises
-    ValidationError naming the sync job, partition, event type, column and failing values.
+
+def _hour_groups(hours: list, rows_per_group: int) -> Iterator[list]:
+    """Consecutive hours grouped until a group holds at least ``rows_per_group`` staged rows
+    (counted from the batches' lengths, not read)."""
+    group: list = []
+    rows = 0
+    for hour in hours:
+        group.append(hour)
+        rows += sum(n for *_, n in hour[1])
+        if rows >= rows_per_group:
+            yield group
+            group, rows = [], 0
+    if group:
+        yield group
+
+
+def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Path, *,
+                   formats: tuple[FormatSpec, ...] | None = None, keep_rows: bool = False) -> PreparedExport:
+    """Filter, de-duplicate, order, validate and encode one event type of a staged partition.
+
+    Encodes the rows in each of ``formats`` (default: the sync job's) to local part files under
+    ``out_dir/<format>/`` (rotated at the sync job's ``max_file_rows``/``max_file_bytes``), and
+    with ``keep_rows`` also writes them as Arrow IPC files under ``out_dir`` (for the documented
+    files). ``out_dir`` is replaced if present. Raises ValidationError naming the sync job,
+    partition, event type, column and failing values; nothing is left open on errors.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
+    formats = tuple(job.formats if formats is None else formats)
     day_start, day_end = day_window(parse_partition(staged.partition))
     schema = export_arrow_schema(event_type, staged.exclude_columns)
     predicate = filter_expr(job.filters)
@@ -167,77 +260,77 @@ def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Pa
     unknown_sources: Counter = Counter()
     unknown_statuses: Counter = Counter()
     entities: Counter = Counter()
-    pending: list[pl.DataFrame] = []
-    pending_rows = 0
-
-    def flush() -> None:
-        # Validate and write the pending buckets as one prepared file (fewer, larger validations).
-        nonlocal pending, pending_rows, rows
-        if not pending:
-            return
-        frame = pl.concat(pending, how="vertical", rechunk=True)
-        pending, pending_rows = [], 0
-        validate_export_frame(
-            frame,
-            sync_job=job.name,
-            partition=staged.partition,
-            event_type=event_type,
-            exclude_columns=staged.exclude_columns,
-            app_token=job.app_token,
-            day_start=day_start,
-            day_end=day_end,
-        )
-        if "source" in frame.columns:
-            for value, n in frame.get_column("source").drop_nulls().value_counts().iter_rows():
-                if value not in KNOWN_SOURCES:
-                    unknown_sources[value] += n
-        if event_type == "interaction":
-            for value, n in frame.get_column("interaction_status").value_counts().iter_rows():
-                if value not in KNOWN_INTERACTION_STATUSES:
-                    unknown_statuses[value] += n
-            for value, n in frame.get_column("entity_type").value_counts().iter_rows():
-                entities[value] += n
-        if frame.height:
-            path = out_dir / f"{len(files):05d}{STAGED_SUFFIX}"
-            writer = IpcFileWriter(path, schema)
-            try:
-                writer.write_table(frame.to_arrow().cast(schema))
-            finally:
-                writer.close()
-            files.append(str(path))
-            rows += frame.height
-
-    for bucket in staged.bucket_files(event_type):
-        frame = _read_bucket(bucket)
-        staged_rows += frame.height
-        if predicate is not None:
-            kept = frame.filter(predicate)
-            filtered += frame.height - kept.height
-            frame = kept
-        if event_type == "interaction":
-            frame = _add_interaction_columns(frame)
-        # Fast path: ids all distinct -> no exact duplicates and no conflicting ids, nothing to
-        # drop (hashing one column instead of every column of every row).
-        if frame.get_column("internal_event_id").is_duplicated().any():
-            before = frame.height
-            frame = frame.unique(maintain_order=True)
-            dupes += before - frame.height
-            clash = frame.filter(pl.col("internal_event_id").is_duplicated())
-        else:
-            clash = frame.clear()
-        if clash.height:
-            ids = clash.get_column("internal_event_id").unique(maintain_order=True).head(5).to_list()
-            raise ValidationError(
-                f"sync job {job.name!r}, partition {staged.partition}, event type {event_type!r}: "
-                f"column 'internal_event_id' has {clash.height} row(s) sharing an id with different content, "
-                f"e.g. {ids!r}; an id must identify one event. Fix the source data and re-materialize the "
-                f"partition. Nothing was exported for this partition."
+    writers = [PartsWriter(schema, spec, out_dir / spec.format, event_type, max_rows=job.max_file_rows,
+                           max_bytes=job.max_file_bytes) for spec in formats]
+    kept: IpcFileWriter | None = None
+    reader = _StagedHours(staged, event_type)
+    try:
+        for group in _hour_groups(staged.hours(event_type), VALIDATION_ROWS):
+            frame = reader.read(group)
+            staged_rows += frame.height
+            if predicate is not None:
+                kept_rows = frame.filter(predicate)
+                filtered += frame.height - kept_rows.height
+                frame = kept_rows
+            if event_type == "interaction":
+                frame = _add_interaction_columns(frame)
+            # Fast path: ids all distinct -> no exact duplicates and no conflicting ids, nothing to
+            # drop (hashing one column instead of every column of every row); else hour by hour.
+            if frame.get_column("internal_event_id").is_duplicated().any():
+                pieces = []
+                for (_,), hour_frame in frame.group_by(["_hour"], maintain_order=True):
+                    hour_frame, dropped = _dedupe_hour(hour_frame.drop("_hour"), job, staged.partition, event_type)
+                    dupes += dropped
+                    pieces.append(hour_frame.sort(list(SORT_KEY), maintain_order=True))
+                frame = pl.concat(pieces, how="vertical") if pieces else frame.drop("_hour")
+            else:
+                frame = frame.drop("_hour").sort(list(SORT_KEY), maintain_order=True)
+            frame = frame.select(schema.names)
+            validate_export_frame(
+                frame,
+                sync_job=job.name,
+                partition=staged.partition,
+                event_type=event_type,
+                exclude_columns=staged.exclude_columns,
+                app_token=job.app_token,
+                day_start=day_start,
+                day_end=day_end,
             )
-        pending.append(frame.sort(list(SORT_KEY), maintain_order=True).select(schema.names))
-        pending_rows += frame.height
-        if pending_rows >= VALIDATION_ROWS:
-            flush()
-    flush()
+            if "source" in frame.columns:
+                for value, n in frame.get_column("source").drop_nulls().value_counts().iter_rows():
+                    if value not in KNOWN_SOURCES:
+                        unknown_sources[value] += n
+            if event_type == "interaction":
+                for value, n in frame.get_column("interaction_status").value_counts().iter_rows():
+                    if value not in KNOWN_INTERACTION_STATUSES:
+                        unknown_statuses[value] += n
+                for value, n in frame.get_column("entity_type").value_counts().iter_rows():
+                    entities[value] += n
+            if not frame.height:
+                continue
+            # string views straight from polars, one cast to the export schema's strings (not
+            # large_string first: one copy of the group fewer)
+            table = frame.to_arrow(compat_level=pl.CompatLevel.newest()).cast(schema)
+            del frame
+            for writer in writers:
+                writer.write(table)
+            if keep_rows:
+                if kept is None:
+                    path = out_dir / f"{len(files):05d}{STAGED_SUFFIX}"
+                    kept = IpcFileWriter(path, schema)
+                    files.append(str(path))
+                kept.write_table(table)
+            rows += table.num_rows
+        parts = {spec.format: [{"path": str(p.path), "rows": p.rows, "bytes": p.bytes, "sha256": p.sha256}
+                               for p in writer.close()] for spec, writer in zip(formats, writers)}
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    finally:
+        reader.close()
+        if kept is not None:
+            kept.close()
     prepared = PreparedExport(
         sync_job=job.name,
         partition=staged.partition,
@@ -252,6 +345,8 @@ def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Pa
         unknown_statuses=dict(sorted(unknown_statuses.items())),
         entity_types=dict(sorted(entities.items())),
         source_rows=staged.rows_received,
+        parts=parts,
+        rows_kept=keep_rows,
     )
     (out_dir / PREPARED_RECORD).write_text(prepared.to_json())
     return prepared

@@ -10,7 +10,10 @@ manifest.
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -22,9 +25,9 @@ from userpilot_sync.destination.manifest import FileRecord, build_manifest, buil
 from userpilot_sync.destination.storage import Storage
 from userpilot_sync.destination.documented import write_documented
 from userpilot_sync.destination.writer import write_export, write_manifest
-from userpilot_sync.documented.day import DocumentedFile, compute_day_files, rebuild_deltas
+from userpilot_sync.documented.day import DocumentedFile, compute_day_files, rebuild_deltas, rows_needed
 from userpilot_sync.documented.state import SnapshotStore, backend_for
-from userpilot_sync.errors import ValidationError
+from userpilot_sync.errors import ConfigError, ValidationError
 from userpilot_sync.guards import DayCounts, check_accounting
 from userpilot_sync.export import PreparedExport, prepare_export
 from userpilot_sync.partitions import check_in_window, day_window, parse_partition
@@ -65,18 +68,109 @@ def extract_and_stage(job: SyncJob, days: list[date], staging_root: Path,
         shutil.rmtree(work, ignore_errors=True)
 
 
-def prepare_day(job: SyncJob, staged: StagedDay) -> dict[str, PreparedExport]:
-    """Prepare every event type of one staged day (filters, duplicates, order, pandera validation).
+#: Threads that prepare event types (and days) at once; default: the CPUs this process may use.
+THREADS_ENV = "USERPILOT_SYNC_PREPARE_THREADS"
 
-    Returns the prepared exports by event type, in the sync job's event-type order; each is a
-    handle to validated Arrow IPC files under ``<staged day>/prepared/<event_type>/``. Raises
-    ValidationError (naming sync job, partition, event type, column and samples) when any event
-    type breaks the Userpilot Event Schema, or when the day already failed while staging: the
-    whole day is then refused before anything of it uploads.
+
+def prepare_threads() -> int:
+    """How many exports are prepared at once: ``$USERPILOT_SYNC_PREPARE_THREADS``, else the CPUs
+    this process may run on (``os.sched_getaffinity``). polars and pyarrow release the GIL while
+    they filter, sort and encode, so threads use the cores; each thread holds about one group of
+    ``export.VALIDATION_ROWS`` rows. Raises ConfigError on a value that is not a positive integer."""
+    value = os.environ.get(THREADS_ENV)
+    if value:
+        try:
+            n = int(value)
+            if n < 1:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{THREADS_ENV}={value!r}: expected a positive integer (threads)") from None
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare_days(job: SyncJob, staged: Iterable[StagedDay], *, threads: int | None = None
+                 ) -> dict[str, dict[str, PreparedExport] | ValidationError]:
+    """Prepare every event type of each staged day (filters, duplicates, order, pandera validation,
+    encoding to local part files), up to ``threads`` exports at once (default :func:`prepare_threads`).
+
+    Returns, per partition, the prepared exports by event type in the sync job's event-type order,
+    or the ValidationError that refuses the day (the day failed while staging, or the first event
+    type in the sync job's order that broke the Userpilot Event Schema): a day is uploaded only if
+    every event type of it prepared. Output is the same whatever the number of threads (each export
+    is prepared by one thread, in order). Event types Userpilot's documented files read again keep
+    their rows (``documented.day.rows_needed``). Other errors (disk, library) are raised.
     """
-    if staged.error:
-        raise ValidationError(staged.error)
-    return {et: prepare_export(staged, job, et, staged.root / "prepared" / et) for et in job.event_types}
+    staged = list(staged)
+    keep = rows_needed(job)
+    out: dict[str, dict[str, PreparedExport] | ValidationError] = {}
+    tasks = []
+    for day in staged:
+        if day.error:
+            out[day.partition] = ValidationError(day.error)
+            continue
+        for et in job.event_types:
+            tasks.append((day, et))
+    # largest first: the longest export starts at once and the small ones fill the other threads
+    tasks.sort(key=lambda t: -t[0].rows_by_event_type.get(t[1], 0))
+
+    def run(task):
+        day, et = task
+        return prepare_export(day, job, et, day.root / "prepared" / et, keep_rows=et in keep)
+
+    n = min(threads or prepare_threads(), max(1, len(tasks)))
+    results: dict[tuple[str, str], object] = {}
+    if n == 1:
+        for task in tasks:
+            try:
+                results[(task[0].partition, task[1])] = run(task)
+            except ValidationError as exc:
+                results[(task[0].partition, task[1])] = exc
+    else:
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="userpilot_sync-prepare") as pool:
+            futures = {(task[0].partition, task[1]): pool.submit(run, task) for task in tasks}
+            unexpected: BaseException | None = None
+            for key in sorted(futures):
+                try:
+                    results[key] = futures[key].result()
+                except ValidationError as exc:
+                    results[key] = exc
+                except BaseException as exc:  # noqa: BLE001 - raised after every thread finished
+                    unexpected = unexpected or exc
+            if unexpected is not None:
+                raise unexpected
+    for day in staged:
+        if day.error:
+            out[day.partition] = out.pop(day.partition)  # keep the days' order
+            continue
+        prepared: dict[str, PreparedExport] = {}
+        for et in job.event_types:
+            result = results[(day.partition, et)]
+            if isinstance(result, ValidationError):
+                out[day.partition] = result
+                break
+            prepared[et] = result  # type: ignore[assignment]
+        else:
+            out[day.partition] = prepared
+    return out
+
+
+def prepare_day(job: SyncJob, staged: StagedDay) -> dict[str, PreparedExport]:
+    """Prepare every event type of one staged day (:func:`prepare_days`).
+
+    Returns the prepared exports by event type, in the sync job's event-type order; each holds the
+    encoded part files under ``<staged day>/prepared/<event_type>/``. Raises ValidationError
+    (naming sync job, partition, event type, column and samples) when any event type breaks the
+    Userpilot Event Schema, or when the day already failed while staging: the whole day is then
+    refused before anything of it uploads.
+    """
+    result = prepare_days(job, [staged])[staged.partition]
+    if isinstance(result, ValidationError):
+        raise result
+    return result
 
 
 def day_source_facts(staged: StagedDay) -> dict:
@@ -160,20 +254,26 @@ def sync_partition(
     run_id: str = "local",
     now: datetime | None = None,
     replacing: Iterable[str] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> PartitionResult:
     """Export one partition of ``job``: every selected event type, then the complete manifest.
 
     ``replacing`` (paths an earlier export of the day wrote, ``[]`` when unknown) makes this a
     re-export: a ``replacing`` manifest is written before the first data file. Raises WindowError
     (outside the 365-day window), SourceError, ValidationError or DestinationError; on any error no
-    complete manifest is written for the partition.
+    complete manifest is written for the partition. ``timings``, when given, receives the seconds
+    (wall clock) each stage took: ``extract_stage``, ``prepare`` (filter, de-duplicate, order,
+    validate, encode), ``documented``, ``upload``, ``manifest``.
     """
+    clock = _Stages(timings)
     day = parse_partition(partition)
     check_in_window(job.name, day, now)
     storage = storage or build_storage(job)
     staged = extract_and_stage(job, [day], staging_root, source)[partition]
+    clock.lap("extract_stage")
     prepared = prepare_day(job, staged)
     check_accounting(day_counts(staged, prepared))
+    clock.lap("prepare")
     documented: dict[str, DocumentedFile] = {}
     if job.userpilot_files:
         from userpilot_sync.source.lookups import lookups_for_job
@@ -184,6 +284,7 @@ def sync_partition(
                                           features_events=features_events,
                                           lookups_note="the sync job's source (local export files) has no lookups",
                                           run_id=run_id)
+    clock.lap("documented")
     if replacing is not None:
         write_manifest(replacing_manifest_for(job, partition, run_id, replacing), job, storage)
     files: list[FileRecord] = []
@@ -192,9 +293,25 @@ def sync_partition(
     for name, doc in documented.items():
         files.extend(write_documented(doc, job, partition, storage, staged.root / "write" / name,
                                       taken={f.path for f in files}))
+    clock.lap("upload")
     manifest = manifest_for(job, staged, prepared.values(), files, run_id, documented=documented)
     key = write_manifest(manifest, job, storage)
+    clock.lap("manifest")
     return PartitionResult(manifest=manifest, manifest_key=key, files=files)
+
+
+class _Stages:
+    """Seconds per stage of :func:`sync_partition`, into a caller's dict (or nowhere)."""
+
+    def __init__(self, into: dict[str, float] | None):
+        self.into = into
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        if self.into is not None:
+            self.into[stage] = round(self.into.get(stage, 0.0) + now - self.last, 3)
+        self.last = now
 
 
 def rebuild_snapshot_state(job: SyncJob, first: str, last: str, staging_root: Path, store: SnapshotStore, *,

@@ -2,19 +2,24 @@
 
 Layout of one staged partition (``<root>/<sync_job>/<YYYY-MM-DD>/``)::
 
-    raw/<event_type>/<HH>/<NNNNN>.arrow     events of that type whose inserted_at falls in hour HH (UTC)
-    staged.json                             the StagedDay record (counts, unknown columns, source facts)
+    raw/<event_type>/<NNNNN>.arrow     events of that type (usually one file per day and event type)
+    staged.json                        the StagedDay record (counts, unknown columns, source facts, and
+                                       which record batches of which file hold each hour: ``batches``)
 
-Staged buckets are Arrow IPC files (LZ4-compressed buffers): they live only until the export is
+Staged files are Arrow IPC files (LZ4-compressed buffers): they live only until the export is
 written, and IPC costs a fraction of Parquet's encoding to write and is read back without decoding
-(see docs/performance.md).
+(see docs/performance.md). Every record batch of a staged file holds the events of one hour (UTC,
+by ``inserted_at``); ``StagedDay.batches`` indexes them, so preparation reads an hour (or a run of
+hours) by memory-mapping exactly its batches.
 
 Batches from the source are normalised (``source/normalize.py``), excluded columns are dropped
 before anything touches disk, rows outside the requested window are counted and skipped, and
-every row is appended to the IPC writer of its (day, event type, hour) bucket. At most
-``MAX_OPEN_WRITERS`` writers are open at once (least recently used are closed; a bucket that is
-written again gets another file), so a range of many days stages with bounded memory and file
-handles. Memory holds one source batch at a time plus the writers' buffers; never a whole day.
+every row is appended, as part of one record batch per (day, event type, hour) and source group,
+to the IPC writer of its (day, event type). At most ``MAX_OPEN_WRITERS`` writers are open at once
+(least recently used are closed; a (day, event type) written again gets another file), so a range
+of many days stages with bounded memory and file handles. The source is read one batch ahead in a
+background thread (``PREFETCH_BATCHES``), so decoding the next batch overlaps staging this one.
+Memory holds a few source batches at a time plus the writers' buffers; never a whole day.
 
 A day whose events break the schema while staging (an unknown ``event_type``) is marked failed
 (``StagedDay.error``) and its other events are still staged; in a one-day extraction the error
@@ -27,7 +32,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import threading
 import uuid
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -50,7 +57,9 @@ STAGED_RECORD = "staged.json"
 STAGED_COMPRESSION = "lz4"
 #: File suffix of staged buckets and prepared exports (Arrow IPC file format).
 STAGED_SUFFIX = ".arrow"
-MAX_OPEN_WRITERS = 128
+MAX_OPEN_WRITERS = 256
+#: Source batches decoded ahead of staging by the prefetch thread.
+PREFETCH_BATCHES = 1
 #: Consecutive small source batches (e.g. the demo source's 15-minute blocks) are staged together
 #: up to this many rows: normalising and bucketing cost a lot per batch, little per row.
 COALESCE_ROWS = 65_536
@@ -75,16 +84,20 @@ class IpcFileWriter:
     def write_table(self, table: pa.Table) -> None:
         self._writer.write_table(table)
 
+    def write_batches(self, table: pa.Table) -> list[int]:
+        """Write ``table`` as record batches (one per chunk). Returns their row counts."""
+        rows = []
+        for batch in table.to_batches():
+            if batch.num_rows:
+                self._writer.write_batch(batch)
+                rows.append(batch.num_rows)
+        return rows
+
     def close(self) -> None:
         try:
             self._writer.close()
         finally:
             self._sink.close()
-
-
-def read_ipc_files(paths: Iterable[str | Path]) -> pa.Table:
-    """The rows of staged/prepared IPC files, concatenated in the given order."""
-    return pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in paths])
 
 
 @dataclass
@@ -108,18 +121,30 @@ class StagedDay:
     staged_at: str = ""
     #: Set when the day's events break the schema while staging; the day is not exported.
     error: str | None = None
+    #: Per event type, every staged record batch in write order: ``[hour, file number, batch index,
+    #: rows]`` (file ``raw/<event_type>/<file number:05d>.arrow``, hour 0-23 UTC of all its rows).
+    batches: dict[str, list[list[int]]] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
         return Path(self.path)
 
-    def bucket_files(self, event_type: str) -> list[str]:
-        """Staged hour buckets of one event type, in hour order (each a glob of its files)."""
-        folder = self.root / "raw" / event_type
-        if not folder.is_dir():
-            return []
-        return [str(hour / f"*{STAGED_SUFFIX}") for hour in sorted(folder.iterdir())
-                if hour.is_dir() and any(hour.glob(f"*{STAGED_SUFFIX}"))]
+    def staged_file(self, event_type: str, number: int) -> Path:
+        """Path of one staged file of an event type."""
+        return self.root / "raw" / event_type / f"{number:05d}{STAGED_SUFFIX}"
+
+    def staged_files(self, event_type: str) -> list[str]:
+        """Every staged file of one event type (all its rows, in no particular hour order)."""
+        numbers = sorted({ref[1] for ref in self.batches.get(event_type, ())})
+        return [str(self.staged_file(event_type, n)) for n in numbers]
+
+    def hours(self, event_type: str) -> list[tuple[int, list[tuple[int, int, int]]]]:
+        """The staged hours of one event type, ascending: ``(hour, [(file number, batch index, rows),
+        ...])`` with each hour's batches in the order they were staged (the source's order)."""
+        by_hour: dict[int, list[tuple[int, int, int]]] = {}
+        for hour, number, index, rows in self.batches.get(event_type, ()):
+            by_hour.setdefault(hour, []).append((number, index, rows))
+        return sorted(by_hour.items())
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -141,35 +166,95 @@ def partition_dir(root: Path, sync_job: str, partition: str) -> Path:
 
 
 class _BucketWriters:
-    """IPC file writers per (day, event type, hour) bucket; at most MAX_OPEN_WRITERS open."""
+    """IPC file writers per (day, event type); at most MAX_OPEN_WRITERS open.
+
+    ``index[(day, event type)]`` lists every written record batch as ``[hour, file number, batch
+    index, rows]`` (``StagedDay.batches``).
+    """
 
     def __init__(self, tmp_root: Path, schema: pa.Schema):
         self.tmp_root = tmp_root
         self.schema = schema
-        self.writers: OrderedDict[tuple[date, str, int], IpcFileWriter] = OrderedDict()
+        self.writers: OrderedDict[tuple[date, str], tuple[IpcFileWriter, int, list[int]]] = OrderedDict()
         self.sequence: Counter = Counter()
+        self.index: dict[tuple[date, str], list[list[int]]] = {}
 
     def write(self, day: date, event_type: str, hour: int, table: pa.Table) -> None:
-        key = (day, event_type, hour)
-        writer = self.writers.get(key)
-        if writer is None:
+        key = (day, event_type)
+        entry = self.writers.get(key)
+        if entry is None:
             if len(self.writers) >= MAX_OPEN_WRITERS:
-                _, oldest = self.writers.popitem(last=False)
+                _, (oldest, _, _) = self.writers.popitem(last=False)
                 oldest.close()
-            folder = self.tmp_root / day.isoformat() / "raw" / event_type / f"{hour:02d}"
+            folder = self.tmp_root / day.isoformat() / "raw" / event_type
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{self.sequence[key]:05d}{STAGED_SUFFIX}"
+            number = self.sequence[key]
             self.sequence[key] += 1
-            writer = IpcFileWriter(path, self.schema)
-            self.writers[key] = writer
+            entry = (IpcFileWriter(folder / f"{number:05d}{STAGED_SUFFIX}", self.schema), number, [0])
+            self.writers[key] = entry
         else:
             self.writers.move_to_end(key)
-        writer.write_table(table.cast(self.schema))
+        writer, number, written = entry
+        rows = writer.write_batches(table.cast(self.schema))
+        self.index.setdefault(key, []).extend([hour, number, written[0] + i, n] for i, n in enumerate(rows))
+        written[0] += len(rows)
 
     def close(self) -> None:
-        for writer in self.writers.values():
+        for writer, _, _ in self.writers.values():
             writer.close()
         self.writers.clear()
+
+
+def _prefetched(batches: Iterable[SourceBatch], depth: int = PREFETCH_BATCHES) -> Iterator[SourceBatch]:
+    """The source's batches, read up to ``depth`` ahead by a background thread (the source's
+    decoding, e.g. Parquet or NDJSON, overlaps the staging of the previous batch). The source's
+    own errors are raised here, in order; when the consumer stops early the thread stops too and
+    closes the source's iterator in its own thread."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        iterator = iter(batches)
+        try:
+            for batch in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put((batch, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((done, None))
+        except BaseException as exc:  # handed to the consumer
+            items.put((done, exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    pass
+
+    thread = threading.Thread(target=produce, name="userpilot_sync-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
 
 
 def _coalesced(batches: Iterable[SourceBatch]) -> Iterator[list[SourceBatch]]:
@@ -283,8 +368,9 @@ def stage_days(
             writers.write(day, event_type, hour, part.drop("_day", "_hour").to_arrow())
         pause_point("extracting", scope=sync_job)  # fault-injection suite only: a no-op otherwise
 
+    source_batches = _prefetched(extraction.batches)
     try:
-        for group in _coalesced(extraction.batches):
+        for group in _coalesced(source_batches):
             if len(group) > 1:
                 # Small batches are normalised and bucketed together (same rows, same order, far less
                 # per-batch overhead). Any error or unknown event type: redo batch by batch, so
@@ -301,6 +387,7 @@ def stage_days(
                 stage(*normalized(batch.data, batch.where), batch.where)
         writers.close()
     except BaseException as exc:
+        source_batches.close()  # stops the prefetch thread now, not when the traceback is freed
         writers.close()
         shutil.rmtree(tmp_root, ignore_errors=True)
         if isinstance(exc, SourceError) and "sync job " not in str(exc):
@@ -328,6 +415,7 @@ def stage_days(
                 source=dict(extraction.facts, window_from=window_start.isoformat(), window_to=window_end.isoformat()),
                 staged_at=now,
                 error=errors.get(key),
+                batches={et: writers.index[(day, et)] for et in EVENT_TYPES if (day, et) in writers.index},
             )
             (tmp_day / STAGED_RECORD).write_text(record.to_json())
             final = partition_dir(root, sync_job, key)

@@ -91,7 +91,7 @@ def test_failed_reexport_leaves_the_day_untouched(tmp_path):
 def test_parts_written_without_a_manifest_are_still_superseded(tmp_path, monkeypatch):
     from userpilot_sync.destination.storage import LocalStorage
 
-    job_parts = make_job(tmp_path, source={"kind": "demo", "events_per_day": 600, "seed": 9}, max_file_rows=100)
+    job_parts = make_job(tmp_path, source={"kind": "demo", "events_per_day": 600, "seed": 9}, max_file_rows=50)
     keys = SyncJobKeys(job_parts)
     put_file = LocalStorage.put_file
 

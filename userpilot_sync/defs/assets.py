@@ -68,7 +68,7 @@ from userpilot_sync.pipeline import (
     day_source_facts,
     extract_and_stage,
     manifest_for,
-    prepare_day,
+    prepare_days,
     rebuild_snapshot_state,
     replacing_manifest_for,
 )
@@ -291,12 +291,14 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
     pause_point("staged")
     prepared: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    for pk in days:
+    # every event type of every day, up to one thread per core; a day fails as a whole
+    for pk, result in prepare_days(job, [staged[pk] for pk in days]).items():
         try:
-            prepared[pk] = prepare_day(job, staged[pk])
-            check_accounting(day_counts(staged[pk], prepared[pk]))
+            if isinstance(result, ValidationError):
+                raise result
+            check_accounting(day_counts(staged[pk], result))
+            prepared[pk] = result
         except ValidationError as exc:
-            prepared.pop(pk, None)
             failed[pk] = str(exc)
     # guard: a re-export may not shrink a day's export beyond checks.max_shrink unless the run allows it
     previous = ledger.previous_manifests(list(prepared))

@@ -32,7 +32,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Iterable
 
 import fastavro
 import polars as pl
@@ -62,25 +62,6 @@ class LocalPart:
     rows: int
     bytes: int
     sha256: str
-
-
-def rebatch(batches: Iterable[pa.RecordBatch], size: int, schema: pa.Schema) -> Iterator[pa.Table]:
-    """Tables of exactly ``size`` rows (the last may be smaller), whatever the input boundaries."""
-    pending: list[pa.RecordBatch] = []
-    count = 0
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        pending.append(batch)
-        count += batch.num_rows
-        while count >= size:
-            table = pa.Table.from_batches(pending, schema=schema)
-            yield table.slice(0, size).combine_chunks()
-            rest = table.slice(size)
-            pending = rest.to_batches()
-            count = rest.num_rows
-    if count:
-        yield pa.Table.from_batches(pending, schema=schema).combine_chunks()
 
 
 def _text_frame(table: pa.Table) -> pl.DataFrame:
@@ -242,6 +223,88 @@ class _PartWriter:
         return LocalPart(self.path, self.rows, self.path.stat().st_size, digest)
 
 
+class PartsWriter:
+    """Streams rows into one format's part files under ``work_dir`` (see :func:`write_parts`).
+
+    ``write(table)`` accepts tables of any size and chunking; rows are re-batched into groups of
+    ``ROW_GROUP_ROWS`` (or ``max_rows``) exactly as one call of :func:`write_parts` over the same
+    rows would, so the bytes do not depend on how the rows were handed in. ``close()`` returns the
+    parts (at least one: an empty export is a file with 0 rows and the schema). Not thread-safe:
+    one writer per thread. Raises DestinationError, before writing anything, when a timestamp
+    column has no time zone.
+    """
+
+    def __init__(self, schema: pa.Schema, spec: FormatSpec, work_dir: Path, name: str,
+                 max_rows: int | None = None, max_bytes: int | None = None):
+        check_timestamps(schema, name)
+        self.schema = schema
+        self.spec = spec
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.group = min(ROW_GROUP_ROWS, max_rows) if max_rows else ROW_GROUP_ROWS
+        self.parts: list[LocalPart] = []
+        self._writer: _PartWriter | None = None
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+
+    def _new_writer(self) -> _PartWriter:
+        path = self.work_dir / f"{self.name}.{len(self.parts):05d}.{self.spec.extension}"
+        return _PartWriter(path, self.spec, self.schema, self.name)
+
+    def write(self, table: pa.Table | pa.RecordBatch) -> None:
+        """Append rows (columns exactly ``schema``'s names and types)."""
+        batches = table.to_batches() if isinstance(table, pa.Table) else [table]
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            self._pending.append(batch)
+            self._pending_rows += batch.num_rows
+        while self._pending_rows >= self.group:
+            pending = pa.Table.from_batches(self._pending, schema=self.schema)
+            self._emit(pending.slice(0, self.group).combine_chunks())
+            rest = pending.slice(self.group)
+            self._pending = rest.to_batches()
+            self._pending_rows = rest.num_rows
+
+    def _emit(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None:
+                self._writer = self._new_writer()
+            writer = self._writer
+            take = table.num_rows
+            if self.max_rows:
+                take = min(take, self.max_rows - writer.rows)
+            writer.write(table.slice(0, take))
+            table = table.slice(take)
+            if (self.max_rows and writer.rows >= self.max_rows) or (self.max_bytes and writer.size >= self.max_bytes):
+                self.parts.append(writer.close())
+                self._writer = None
+
+    def close(self) -> list[LocalPart]:
+        """Write what is pending and close the last part. Returns every part, in order."""
+        if self._pending_rows:
+            self._emit(pa.Table.from_batches(self._pending, schema=self.schema).combine_chunks())
+            self._pending, self._pending_rows = [], 0
+        if self._writer is not None:
+            self.parts.append(self._writer.close())
+            self._writer = None
+        if not self.parts:
+            self.parts.append(self._new_writer().close())
+        return self.parts
+
+    def abort(self) -> None:
+        """Close without finishing (after an error); the caller removes ``work_dir``."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+            self._writer = None
+
+
 def write_parts(
     batches: Iterable[pa.RecordBatch],
     schema: pa.Schema,
@@ -257,30 +320,11 @@ def write_parts(
     Part files are named ``<name>.<n>.<extension>`` locally; the layout names them on upload.
     Raises DestinationError, before writing anything, when a timestamp column has no time zone.
     """
-    check_timestamps(schema, name)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    group = min(ROW_GROUP_ROWS, max_rows) if max_rows else ROW_GROUP_ROWS
-    parts: list[LocalPart] = []
-    writer: _PartWriter | None = None
-
-    def new_writer() -> _PartWriter:
-        return _PartWriter(work_dir / f"{name}.{len(parts):05d}.{spec.extension}", spec, schema, name)
-
-    for table in rebatch(batches, group, schema):
-        while table.num_rows:
-            if writer is None:
-                writer = new_writer()
-            take = table.num_rows
-            if max_rows:
-                take = min(take, max_rows - writer.rows)
-            writer.write(table.slice(0, take))
-            table = table.slice(take)
-            if (max_rows and writer.rows >= max_rows) or (max_bytes and writer.size >= max_bytes):
-                parts.append(writer.close())
-                writer = None
-    if writer is not None:
-        parts.append(writer.close())
-    if not parts:
-        parts.append(new_writer().close())
-    return parts
+    writer = PartsWriter(schema, spec, work_dir, name, max_rows=max_rows, max_bytes=max_bytes)
+    try:
+        for batch in batches:
+            writer.write(batch)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()

@@ -1,18 +1,18 @@
-"""Write one prepared export to a destination in every format of the sync job.
+"""Upload one prepared export's encoded files to a destination, and the manifest last.
 
-Each format is written to local part files first (streaming, bounded memory), then each part
-is uploaded to its deterministic key (``layout.py``). Data files of a partition go first; the
-manifest, written by :func:`write_manifest`, goes last.
+The export was encoded once, while it was validated (``export.prepare_export``: local part files
+per format); here each part is uploaded to its deterministic key (``layout.py``) and removed
+locally. Data files of a partition go first; the manifest, written by :func:`write_manifest`,
+goes last.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from userpilot_sync.config.model import SyncJob
-from userpilot_sync.destination.formats import CONTENT_TYPES, write_parts
+from userpilot_sync.destination.formats import CONTENT_TYPES
 from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.destination.manifest import FileRecord, manifest_bytes
 from userpilot_sync.destination.storage import Storage
@@ -28,56 +28,46 @@ class WrittenExport:
     keys: list[str]
 
 
-def write_export(prepared: PreparedExport, job: SyncJob, storage: Storage, work_dir: Path,
+def write_export(prepared: PreparedExport, job: SyncJob, storage: Storage, work_dir: Path | None = None,
                  uploaded: list[FileRecord] | None = None) -> WrittenExport:
-    """Write ``prepared`` in each of ``job.formats`` and upload the parts. Returns the file records.
+    """Upload the parts ``prepared`` holds for each of ``job.formats``. Returns the file records.
 
     ``uploaded``, when given, receives each file's record as soon as its upload succeeded, so a
-    caller can record what a failed export already replaced.
+    caller can record what a failed export already replaced. ``work_dir`` is unused (the parts
+    were encoded while the export was prepared) and kept for callers of the earlier signature.
 
     Raises DestinationError (from the storage) when an upload fails; parts already uploaded stay
-    (they are replaced by the next export of the partition, and no manifest points at them).
+    (they are replaced by the next export of the partition, and no manifest points at them), and
+    KeyError when ``prepared`` holds no parts of one of the sync job's formats.
     """
     layout = layout_for(job)
     files: list[FileRecord] = []
     keys: list[str] = []
-    work_dir = Path(work_dir)
-    try:
-        for spec in job.formats:
-            parts = write_parts(
-                prepared.iter_batches(),
-                prepared.arrow_schema,
-                spec,
-                work_dir / spec.format,
-                prepared.event_type,
-                max_rows=job.max_file_rows,
-                max_bytes=job.max_file_bytes,
-            )
-            # No Content-Encoding: clients would decompress on download and break the sha256.
-            content_type = "application/gzip" if spec.extension.endswith(".gz") else CONTENT_TYPES[spec.format]
-            for i, part in enumerate(parts):
-                rel = layout.data_path(prepared.partition, prepared.event_type, spec.extension, i, len(parts))
-                key = layout.key(rel)
-                storage.put_file(key, part.path, content_type=content_type)
-                pause_point("uploading")
-                part.path.unlink()
-                files.append(
-                    FileRecord(
-                        path=rel,
-                        event_type=prepared.event_type,
-                        format=spec.format,
-                        compression=spec.compression or "none",
-                        part=i,
-                        rows=part.rows,
-                        bytes=part.bytes,
-                        sha256=part.sha256,
-                    )
+    for spec in job.formats:
+        parts = prepared.local_parts(spec.format)
+        # No Content-Encoding: clients would decompress on download and break the sha256.
+        content_type = "application/gzip" if spec.extension.endswith(".gz") else CONTENT_TYPES[spec.format]
+        for i, part in enumerate(parts):
+            rel = layout.data_path(prepared.partition, prepared.event_type, spec.extension, i, len(parts))
+            key = layout.key(rel)
+            storage.put_file(key, part.path, content_type=content_type)
+            pause_point("uploading")
+            part.path.unlink(missing_ok=True)
+            files.append(
+                FileRecord(
+                    path=rel,
+                    event_type=prepared.event_type,
+                    format=spec.format,
+                    compression=spec.compression or "none",
+                    part=i,
+                    rows=part.rows,
+                    bytes=part.bytes,
+                    sha256=part.sha256,
                 )
-                keys.append(key)
-                if uploaded is not None:
-                    uploaded.append(files[-1])
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+            )
+            keys.append(key)
+            if uploaded is not None:
+                uploaded.append(files[-1])
     return WrittenExport(files=files, keys=keys)
 
 

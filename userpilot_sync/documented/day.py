@@ -9,7 +9,6 @@ state; the destination's writer (``destination/documented.py``) writes them in e
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -87,13 +86,32 @@ def _id_filters_only(job: SyncJob) -> SyncJob:
     return job.model_copy(update={"filters": f})
 
 
+def rows_needed(job: SyncJob) -> set[str]:
+    """Event types whose exported rows the documented files read again (prepared with
+    ``keep_rows``): identify_user/identify_company for the snapshots (unless name filters make
+    :func:`documented_inputs` prepare them apart), track_feature for the feature-tag files, track for
+    the per-label files."""
+    files = set(job.userpilot_files)
+    names_filtered = bool(job.filters.event_names_include or job.filters.event_names_exclude)
+    needed = set()
+    if not names_filtered:
+        needed |= {IDENTIFY_EVENT_TYPE[n] for n in (USERS, COMPANIES) if n in files}
+    if files & {"feature_tags_breakdown", "track_feature_per_tag"}:
+        needed.add("track_feature")
+    if "track_labeled_per_label" in files:
+        needed.add("track")
+    return needed
+
+
 def documented_inputs(job: SyncJob, staged: StagedDay, prepared: dict[str, PreparedExport]) -> dict[str, PreparedExport]:
     """The prepared event types the documented files read, by event type.
 
     identify_user/identify_company: the sync job's id filters only (name filters would drop every
     identify event: their names are empty); reused from ``prepared`` when no name filter is set.
     track_feature/track: exactly as exported (reused, or prepared here when the sync job does not
-    export them). Raises ValidationError like :func:`~userpilot_sync.export.prepare_export`.
+    export them). An export is reused only when its rows were kept (:func:`rows_needed`); otherwise it
+    is prepared again here without encoding. Raises ValidationError like
+    :func:`~userpilot_sync.export.prepare_export`.
     """
     files = set(job.userpilot_files)
     out: dict[str, PreparedExport] = {}
@@ -102,23 +120,23 @@ def documented_inputs(job: SyncJob, staged: StagedDay, prepared: dict[str, Prepa
         if name not in files:
             continue
         et = IDENTIFY_EVENT_TYPE[name]
-        if et in prepared and not names_filtered:
+        if et in prepared and prepared[et].rows_kept and not names_filtered:
             out[et] = prepared[et]
         else:
-            out[et] = prepare_export(staged, _id_filters_only(job), et, staged.root / "prepared_files" / et)
+            out[et] = prepare_export(staged, _id_filters_only(job), et, staged.root / "prepared_files" / et,
+                                     formats=(), keep_rows=True)
     needs = {"track_feature": files & {"feature_tags_breakdown", "track_feature_per_tag"},
              "track": files & {"track_labeled_per_label"}}
     for et, wanted in needs.items():
         if wanted:
-            out[et] = prepared[et] if et in prepared else prepare_export(staged, job, et,
-                                                                          staged.root / "prepared_files" / et)
+            out[et] = prepared[et] if et in prepared and prepared[et].rows_kept else prepare_export(
+                staged, job, et, staged.root / "prepared_files" / et, formats=(), keep_rows=True)
     return out
 
 
 def _activity(job: SyncJob, staged: StagedDay, id_col: str) -> pl.DataFrame:
     """Latest event of the day per id, over every staged event type (id filters applied)."""
-    files = [f for et in sorted(staged.rows_by_event_type) for pattern in staged.bucket_files(et)
-             for f in sorted(glob.glob(pattern))]
+    files = [f for et in sorted(staged.rows_by_event_type) for f in staged.staged_files(et)]
     if not files:
         return pl.DataFrame(schema={"id": pl.String, "last_event_at": pl.Datetime("us", "UTC")})
     predicate = filter_expr(_id_filters_only(job).filters)
@@ -274,7 +292,8 @@ def rebuild_deltas(job: SyncJob, staged_days: list[StagedDay], store: SnapshotSt
         for name in STATE_FILES:
             et = IDENTIFY_EVENT_TYPE[name]
             if name in job.userpilot_files:
-                prepared = prepare_export(staged, _id_filters_only(job), et, staged.root / "prepared_files" / et)
+                prepared = prepare_export(staged, _id_filters_only(job), et, staged.root / "prepared_files" / et,
+                                          formats=(), keep_rows=True)
                 deltas[name] = day_delta(name, DayEvents(_identify_frame(prepared), _activity(job, staged, ID_COLUMN[name])))
             else:
                 deltas[name] = frames[name].clear()
