@@ -49,10 +49,10 @@ PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
-# The fast lane: no servers, no dagster dev, no kill -9, no cluster (markers integration, faults and
-# cluster left out).
+# The fast lane: no servers, no dagster dev, no kill -9, no cluster, no browser, no Spark (markers
+# integration, faults, cluster, browser and readers left out).
 test-fast: install
-	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not integration and not faults and not cluster"
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not integration and not faults and not cluster and not browser and not readers"
 
 # dg's own check that the definitions load.
 check: install
