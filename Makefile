@@ -5,12 +5,15 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT := false
 
-.PHONY: install run ui cluster cluster-stop cluster-status test test-fast check bench bench-cluster clean
+.PHONY: install run ui cluster cluster-stop cluster-status test test-fast check schema-doc bench bench-cluster clean
 
-# Create .venv from the lock file (uv is installed from PyPI when missing).
+# Create .venv from the lock file (uv is installed from PyPI when missing). --compile-bytecode: every
+# Dagster process (each run of a backfill, the code server, the tests' dagster dev) then reads
+# compiled bytecode instead of compiling Dagster, polars, pandas... again (10-20 s per process where
+# PYTHONDONTWRITEBYTECODE is set; docs/performance.md, "The backfill").
 $(BIN)/.installed: pyproject.toml uv.lock
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check uv
-	$(PYTHON) -m uv sync --frozen --extra dev --extra cluster --python $(PYTHON)
+	$(PYTHON) -m uv sync --frozen --compile-bytecode --extra dev --extra cluster --python $(PYTHON)
 	@touch $@
 
 install: $(BIN)/.installed
@@ -57,6 +60,10 @@ test-fast: install
 # dg's own check that the definitions load.
 check: install
 	$(BIN)/dg check defs
+
+# Render docs/schema.md's generated column reference from the code's schemas (a test fails when it is stale).
+schema-doc: install
+	$(BIN)/python -m userpilot_sync.schema.reference
 
 # The `dlt` contender's own environment (docs/performance.md): dlt[s3] pins botocore, so dlt never
 # enters the product's lock. Pinned in benchmarks/requirements-dlt.txt (from requirements-dlt.in).

@@ -4,6 +4,7 @@
                                       [--allow-shrink]
     python -m userpilot_sync.cli status [--job NAME] [--json] [--all]
     python -m userpilot_sync.cli move-history --from OLD_DAGSTER_HOME
+    python -m userpilot_sync.cli preview --job NAME --partition YYYY-MM-DD [--json] [--sample-rows N]
 
 Each partition is one run of the sync job's asset job (a --from/--to backfill: one run per
 ``backfill_days_per_run`` days, one extraction each), recorded in the Dagster instance of
@@ -16,7 +17,10 @@ day partitions of another instance (e.g. the local SQLite one) into ``$DAGSTER_H
 cluster's PostgreSQL) so fingerprints and history carry over (``defs/move.py``). ``status`` lists every day of the 365-day window as
 complete, empty, replacing, running, failed, late, pending or missing (``defs/status.py``). The
 instance is opened under an initialisation lock in ``$DAGSTER_HOME`` (``defs/instance.py``), so
-several commands started at once on a new ``DAGSTER_HOME`` are safe.
+several commands started at once on a new ``DAGSTER_HOME`` are safe. ``preview`` runs ``<job>_preview``
+for one day (``preview.py``: the object keys, rows, sample rows and manifest an export would write;
+nothing reaches the destination, nothing is recorded but the run; exit 1 when the day's export
+would fail, with its one-line cause).
 """
 
 from __future__ import annotations
@@ -268,6 +272,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Dry run of one day (``preview.py``): runs ``<job>_preview`` in the instance (it holds the app
+    token's pool slot like an export), prints its preview document; nothing reaches the destination."""
+    from userpilot_sync.preview import render
+
+    jobs, job = _load(args.job)
+    try:
+        if not 0 <= args.sample_rows <= 100:
+            raise ValueError(f"--sample-rows {args.sample_rows}: expected 0..100")
+        day = parse_partition(args.partition)
+        check_in_window(job.name, day)
+    except (ValueError, WindowError) as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    keys = SyncJobKeys(job)
+    job_def = build_definitions(jobs).resolve_job_def(keys.preview_job_name)
+    op = job_def.graph.node_names()[0]
+    run_config = {**QUIET, "ops": {op: {"config": {"partition": day.isoformat(), "sample_rows": args.sample_rows}}}}
+    with open_instance() as instance:
+        recover_dead_runs(instance, pools=[job.pool])  # a dead run's pool slot would block the preview
+        try:
+            result = job_def.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False,
+                                                tags=keys.run_tags("preview"))
+        except dg.DagsterInvalidConfigError as exc:
+            print(f"sync job {job.name}: preview of {day.isoformat()} REFUSED before the run started: "
+                  f"{config_problem(job, exc)}", file=sys.stderr)
+            return EXIT_FAILED
+    if not result.success:
+        for message in failure_messages(result):
+            print(message, file=sys.stderr)
+        return EXIT_FAILED
+    doc = next(e.step_output_data.metadata["preview"].value for e in result.all_events if e.is_successful_output)
+    print(json.dumps(doc, indent=2) if args.json else render(doc))
+    return EXIT_OK
+
+
 def cmd_move_history(args: argparse.Namespace) -> int:
     """Copy the history of the instance in ``--from`` into the instance of ``$DAGSTER_HOME``."""
     from userpilot_sync.defs.move import MoveError, move_history
@@ -308,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--all", action="store_true", help="also list the missing days before the first export")
     status.set_defaults(func=cmd_status)
+    preview = sub.add_parser("preview", help="dry run of one day: the keys, rows, sample rows and manifest an export "
+                                             "would write; writes nothing to the destination")
+    preview.add_argument("--job", default="demo", help="sync job name (default: demo; may be disabled)")
+    preview.add_argument("--partition", required=True, help="the UTC day YYYY-MM-DD")
+    preview.add_argument("--json", action="store_true", help="the preview document as JSON (docs/operations.md)")
+    preview.add_argument("--sample-rows", type=int, default=3, help="rows shown per file (default: 3)")
+    preview.set_defaults(func=cmd_preview)
     move = sub.add_parser("move-history", help="copy another instance's runs and history into $DAGSTER_HOME's "
                                                "(e.g. local SQLite -> cluster PostgreSQL)")
     move.add_argument("--from", dest="source", required=True, help="the old DAGSTER_HOME (its dagster.yaml)")

@@ -143,7 +143,7 @@ def test_missing_sync_jobs_dir_names_the_env_var(tmp_path, monkeypatch):
         ),
         pytest.param(
             {"formats": [{"format": "orc"}]},
-            "key formats.0.format: Input should be 'parquet', 'ndjson', 'csv' or 'avro' (got 'orc')",
+            "key formats.0.format: Input should be 'parquet', 'ndjson', 'csv', 'avro' or 'delta' (got 'orc')",
             id="unknown_format",
         ),
         pytest.param(

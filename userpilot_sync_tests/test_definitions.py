@@ -293,8 +293,11 @@ def test_empty_day_after_a_non_empty_one_is_a_warning(tmp_path):
         assert check.metadata["rows_received"].value == 0 and check.metadata["previous_day_rows"].value == 300
     manifest = json.loads((_folder(job, second.isoformat()) / "_manifest.json").read_text())
     events = [f for f in manifest["files"] if "file" not in f]
-    assert manifest["source"]["source_rows"] == 0 and len(events) == 7
-    assert all(f["rows"] == 0 for f in events)
+    # an empty export has no file; the manifest accounts for each event type (0 rows, empty)
+    assert manifest["source"]["source_rows"] == 0 and events == []
+    assert len(manifest["event_types"]) == 7
+    assert all(e["rows"] == 0 and e["status"] == "empty" for e in manifest["event_types"].values())
+    assert not any((_folder(job, second.isoformat()) / f"{et}.parquet").exists() for et in manifest["event_types"])
     # the day's snapshots still list everyone identified the day before
     assert manifest["userpilot_files"]["all_users"]["rows"] > 0
 

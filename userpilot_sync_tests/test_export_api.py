@@ -378,7 +378,8 @@ def test_zero_chunks_is_a_valid_empty_day(tmp_path, emulator, fake_clock):
     manifest = read_manifest(job)
     assert manifest["source"]["source_rows"] == 0 and manifest["source"]["chunks"] == 0
     events = [f for f in manifest["files"] if "file" not in f]  # the lookups' definitions have rows
-    assert events and all(f["rows"] == 0 for f in events)
+    assert events == []  # an empty export has no file ...
+    assert all(e["rows"] == 0 and e["status"] == "empty" for e in manifest["event_types"].values())  # ... but an entry
     assert set(manifest["event_types"]) == set(job.event_types)
     assert manifest["userpilot_files"]["all_users"] == {"status": "empty", "rows": 0, "reason": manifest[
         "userpilot_files"]["all_users"]["reason"], "history_start": PARTITION, "previous_day": None,
@@ -393,7 +394,8 @@ def test_empty_chunks_are_a_valid_empty_day(tmp_path, emulator, fake_clock, chun
     _run(job, tmp_path, fake_clock)
     manifest = read_manifest(job)
     assert manifest["source"]["source_rows"] == 0 and manifest["source"]["chunks"] == 3
-    assert all(f["rows"] == 0 for f in manifest["files"] if "file" not in f)
+    assert [f for f in manifest["files"] if "file" not in f] == []  # no file for an empty export
+    assert all(e["rows"] == 0 for e in manifest["event_types"].values())
 
 
 def test_an_app_without_events_gives_an_empty_day(tmp_path, emulator, fake_clock):

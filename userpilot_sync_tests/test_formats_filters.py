@@ -107,7 +107,7 @@ def _empty_strings_as_null(frame: pl.DataFrame) -> pl.DataFrame:
 def _data_files(sync_root: Path, layout: str, event_type: str, extension: str) -> list[Path]:
     """The data files of one export (all parts), in part order."""
     if layout == "hive":
-        return sorted((sync_root / event_type / f"date={PARTITION}").glob(f"part-*.{extension}"))
+        return sorted((sync_root / extension / event_type / f"date={PARTITION}").glob(f"part-*.{extension}"))
     pattern = re.compile(rf"{re.escape(event_type)}(_\d{{5}})?\.{re.escape(extension)}")
     return sorted(p for p in (sync_root / PARTITION).iterdir() if pattern.fullmatch(p.name))
 
@@ -115,7 +115,7 @@ def _data_files(sync_root: Path, layout: str, event_type: str, extension: str) -
 def _duck_source(sync_root: Path, layout: str, event_type: str, extension: str) -> str:
     """What DuckDB reads: a hive glob (partition discovery) or the export's exact file list."""
     if layout == "hive":
-        return f"'{sync_root.as_posix()}/{event_type}/date=*/part-*.{extension}'"
+        return f"'{sync_root.as_posix()}/{extension}/{event_type}/date=*/part-*.{extension}'"
     files = _data_files(sync_root, layout, event_type, extension)
     assert files, (event_type, extension)
     return "[" + ", ".join(f"'{p.as_posix()}'" for p in files) + "]"
@@ -389,7 +389,7 @@ def test_every_format_reads_back_the_same_rows(matrix_run, layout, combo):
     assert on_disk == listed | {manifest_path}
     for spec in job.formats:
         for et in EVENT_TYPES:
-            rel = f"{et}/date={PARTITION}/part-00000.{spec.extension}" if layout == "hive" else f"{PARTITION}/{et}.{spec.extension}"
+            rel = f"{spec.extension}/{et}/date={PARTITION}/part-00000.{spec.extension}" if layout == "hive" else f"{PARTITION}/{et}.{spec.extension}"
             entry = next(f for f in manifest["files"] if f["path"] == rel)
             assert (entry["format"], entry["compression"]) == (spec.format, spec.compression)
             data = (sync_root / rel).read_bytes()
@@ -468,7 +468,7 @@ def test_max_file_rows_splits_into_numbered_parts(tmp_path, layout):
             rows = _expected(et).height
             n = max(1, math.ceil(rows / limit))
             if layout == "hive":
-                names = [f"{et}/date={PARTITION}/part-{i:05d}.{spec.extension}" for i in range(n)]
+                names = [f"{spec.extension}/{et}/date={PARTITION}/part-{i:05d}.{spec.extension}" for i in range(n)]
             else:
                 names = [f"{PARTITION}/{et}_{i:05d}.{spec.extension}" for i in range(n)] if n > 1 else [f"{PARTITION}/{et}.{spec.extension}"]
             entries = sorted((f for f in manifest["files"] if f["event_type"] == et and f["format"] == spec.format), key=lambda f: f["part"])

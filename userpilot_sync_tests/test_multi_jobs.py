@@ -134,7 +134,7 @@ def test_two_sync_jobs_in_one_folder_do_not_interfere_and_sync_back_replaces_in_
     assert manifest_b["run_id"] == run_b.run_id
     # each manifest lists exactly its own files (paths relative to its own sync folder)
     assert {f["path"] for f in manifest_a["files"]} == {f"{PK}/{n}.parquet" for n in (*EVENT_TYPES, *DOCUMENTED)}
-    assert {f["path"] for f in manifest_b["files"]} == {f"{n}/date={PK}/part-00000.ndjson.gz"
+    assert {f["path"] for f in manifest_b["files"]} == {f"ndjson.gz/{n}/date={PK}/part-00000.ndjson.gz"
                                                         for n in (*EVENT_TYPES, *DOCUMENTED)}
     # each sync job keeps its own snapshot state (same app, separate stores)
     assert {p.name for p in (tmp_path / "staging" / "_state").iterdir()} == {"acme_prod", "acme_eu"}

@@ -220,7 +220,16 @@ class _Destination(_Model):
         return _object_prefix(v)
 
 
-class LocalDestination(_Destination):
+class _ExportDestination(_Destination):
+    """What every export destination has besides its ``prefix``: ``read_access``."""
+
+    #: The credentials may also read and list ``<prefix>/<sync folder>/_delta/`` (needed by the
+    #: ``delta`` format, which reads its own transaction log; docs/destinations.md, "Delta Lake").
+    #: False (default): the destination is write-only and the ``delta`` format is refused.
+    read_access: bool = False
+
+
+class LocalDestination(_ExportDestination):
     """A local folder (``path``; the loader resolves relative paths against the project folder)."""
 
     kind: Literal["local"] = "local"
@@ -236,7 +245,7 @@ class LocalDestination(_Destination):
         return {"kind": self.kind, "path": os.path.abspath(self.path), "prefix": self.prefix.strip("/")}
 
 
-class S3Destination(_Destination):
+class S3Destination(_ExportDestination):
     """An Amazon S3 (or S3-compatible) bucket; credentials from the standard AWS chain."""
 
     kind: Literal["s3"] = "s3"
@@ -279,7 +288,7 @@ class S3Destination(_Destination):
                 "endpoint_url": self.endpoint_url or ""}
 
 
-class GcsDestination(_Destination):
+class GcsDestination(_ExportDestination):
     """A Google Cloud Storage bucket in ``project``; standard Google credentials."""
 
     kind: Literal["gcs"] = "gcs"
@@ -373,7 +382,9 @@ class Filters(_Model):
 class FormatSpec(_Model):
     """One export format and its compression."""
 
-    format: Literal["parquet", "ndjson", "csv", "avro"]
+    #: ``delta``: one Delta Lake table per event type (``destination/delta.py``; needs
+    #: ``destination.read_access: true``); its compression is that of the table's Parquet files.
+    format: Literal["parquet", "ndjson", "csv", "avro", "delta"]
     compression: str | None = None
 
     @model_validator(mode="after")
@@ -383,9 +394,10 @@ class FormatSpec(_Model):
             "ndjson": ("gzip", "none"),
             "csv": ("gzip", "none"),
             "avro": ("deflate", "snappy", "none"),
+            "delta": ("zstd", "snappy", "gzip", "none"),
         }[self.format]
         if self.compression is None:
-            object.__setattr__(self, "compression", allowed[0] if self.format == "parquet" else "none")
+            object.__setattr__(self, "compression", allowed[0] if self.format in ("parquet", "delta") else "none")
         if self.compression not in allowed:
             raise _key_error(
                 ("compression",),
@@ -684,6 +696,21 @@ Notification = Annotated[
 ]
 
 
+def delta_permission_set(job: "SyncJob") -> str:
+    """The permissions the ``delta`` format needs on ``<prefix>/<sync folder>/_delta/``, in words
+    (besides the write-only set of docs/destinations.md)."""
+    prefix = job.destination.prefix.strip("/")
+    where = f"{prefix}/{job.sync_folder}/_delta/" if prefix else f"{job.sync_folder}/_delta/"
+    dest = job.destination
+    if dest.kind == "s3":
+        return (f"s3:GetObject and s3:PutObject on arn:aws:s3:::{dest.bucket}/{where}* and s3:ListBucket on "
+                f"arn:aws:s3:::{dest.bucket} (condition s3:prefix {where}*)")
+    if dest.kind == "gcs":
+        return (f"storage.objects.get, storage.objects.list and storage.objects.create, plus storage.objects.delete "
+                f"(to overwrite _delta_log/_last_checkpoint), on gs://{dest.bucket}/{where}")
+    return f"read, list and write access to the folder {where}"
+
+
 class SyncJob(_Model):
     """One configured export: a Userpilot environment to one destination location."""
 
@@ -811,6 +838,15 @@ class SyncJob(_Model):
                 + (" or weekday" if self.frequency == "weekly" else ""),
                 sb.hour,
             )
+        if any(f.format == "delta" for f in self.formats) and not self.destination.read_access:
+            raise _key_error(
+                ("destination", "read_access"),
+                f"sync job {self.name!r} writes format delta, which reads and lists its own Delta tables "
+                f"(<sync folder>/_delta/), but the destination is write-only (read_access is false). Grant the "
+                f"credentials {delta_permission_set(self)} (docs/destinations.md, 'Delta Lake') and set "
+                f"destination.read_access: true, or remove delta from formats",
+                self.destination.read_access,
+            )
         if self.kms_mismatch():
             raise _key_error(("destination", "kms_key_id"), "destination.kms_key_id is only used with sse: aws:kms",
                              getattr(self.destination, "kms_key_id", None))
@@ -841,6 +877,14 @@ class SyncJob(_Model):
         if "track_labeled_per_label" in files:
             needed.add("track")
         return tuple(e for e in EVENT_TYPES if e in needed)
+
+    @property
+    def file_formats(self) -> tuple[FormatSpec, ...]:
+        """The formats written as files (every format but ``delta``, which is a table per event
+        type). Userpilot's documented files are written in these; with ``delta`` alone, in Parquet
+        (zstd)."""
+        files = tuple(f for f in self.formats if f.format != "delta")
+        return files or (FormatSpec(format="parquet", compression="zstd"),)
 
     @property
     def pool(self) -> str:

@@ -166,6 +166,8 @@ def build_day_assets(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition)
     job = keys.job
     dest_kind = job.destination.kind
     formats = sorted({f.format for f in job.formats})
+    # Dagster shows at most 3 kinds: the first format the sync job lists (its main one) is the kind
+    primary = job.formats[0].format
     owners = list(job.owners)
     common = dict(owners=owners, group_name=keys.group)
     # the UI shows descriptions where users pick what to materialize: say that a day is one unit
@@ -181,14 +183,14 @@ def build_day_assets(keys: SyncJobKeys, partitions_def: dg.PartitionsDefinition)
     }
     for et, key in keys.exports.items():
         outs[et] = dg.AssetOut(
-            key=key, io_manager_key=keys.export_io_manager, kinds={"pandera", dest_kind, formats[0]},
+            key=key, io_manager_key=keys.export_io_manager, kinds={"pandera", dest_kind, primary},
             description=(f"{et} events of one UTC day: filtered, de-duplicated, validated against the Userpilot "
                          f"Event Schema and exported to {dest_kind} as {', '.join(formats)}." + one_unit),
             metadata={"event_type": et},
             tags={"userpilot_sync/role": "export", "userpilot_sync/event_type": et}, **common)
     for name, key in keys.documented_files.items():
         outs[name] = dg.AssetOut(
-            key=key, io_manager_key=keys.documented_io_manager, kinds={"pandera", dest_kind, formats[0]},
+            key=key, io_manager_key=keys.documented_io_manager, kinds={"pandera", dest_kind, primary},
             description=DOCUMENTED_DESCRIPTIONS[name] + f" Exported to {dest_kind} as {', '.join(formats)}." + one_unit,
             metadata={"userpilot_file": name},
             tags={"userpilot_sync/role": "documented_file"}, **common)

@@ -275,21 +275,31 @@ class ExportIOManager(_DestinationIOManager):
     Per day it records ``dagster/row_count`` (rows exported), ``dagster/uri`` (the first file),
     ``bytes``, ``files``, ``rows_received`` (rows of the event type the source delivered),
     ``duplicates_dropped``, ``filtered_out`` and ``userpilot/files`` (every file: path, uri,
-    format, compression, part, rows, bytes, sha256). A failed upload keeps what was uploaded as
-    an observation (ledger) and raises DestinationError.
+    format, compression, part, rows, bytes, sha256). With the ``delta`` format also
+    ``delta_version`` and ``userpilot/delta`` (the day's commit; the table is not a file of
+    ``userpilot/files``). A failed upload keeps what was uploaded as an observation (ledger) and
+    raises DestinationError.
     """
 
     def handle_output(self, context: dg.OutputContext, batch: ExportBatch) -> None:
         storage, recorded = self._storage_for(context, sorted(batch.exports))
         layout = layout_for(self.job)
+        delta = None
+        if any(f.format == "delta" for f in self.job.formats):
+            from userpilot_sync.destination.delta import DeltaWriter
+
+            delta = DeltaWriter(self.job, credentials_from=self.destination.aws, run_id=context.run_id)
 
         def write(pk, prepared, work, uploaded):
-            return write_export(prepared, self.job, storage, work, uploaded=uploaded).files
+            return write_export(prepared, self.job, storage, work, uploaded=uploaded, delta=delta).files
 
         for pk, prepared, written_files in self._upload_days(
                 context, storage, recorded, batch.exports, batch.written, batch.replacing, write,
                 what=lambda prepared: f"event type {prepared.event_type!r}",
                 work_name=lambda prepared: prepared.event_type):
+            # a Delta commit is recorded apart: its table is never a superseded file (destination/delta.py)
+            tables = [f for f in written_files if f.format == "delta"]
+            written_files = [f for f in written_files if f.format != "delta"]
             files = _file_entries(storage, layout, written_files)
             metadata = record_metadata(
                 self.job, STATUS_EXPORTED,
@@ -297,13 +307,16 @@ class ExportIOManager(_DestinationIOManager):
             )
             metadata.update({
                 "dagster/row_count": prepared.rows,
-                "dagster/uri": files[0]["uri"] if files else storage.uri(layout.root),
+                "dagster/uri": files[0]["uri"] if files else tables[0].uri if tables else storage.uri(layout.root),
                 "bytes": sum(f.bytes for f in written_files),
                 "files": len(written_files),
                 "rows_received": prepared.rows_staged,
                 "duplicates_dropped": prepared.duplicates_dropped,
                 "filtered_out": prepared.filtered_out,
             })
+            if tables:
+                metadata["delta_version"] = tables[0].version
+                metadata["userpilot/delta"] = dg.MetadataValue.json(tables[0].to_dict())
             gens = self._generations(storage, recorded.get(pk, {}), [layout.key(f.path) for f in written_files])
             if gens is not None:
                 metadata[GENERATIONS_KEY] = dg.MetadataValue.json(gens)

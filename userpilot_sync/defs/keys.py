@@ -113,6 +113,11 @@ class SyncJobKeys:
     def check_destination_job_name(self) -> str:
         return f"{self.name}_check_destination"
 
+    @property
+    def preview_job_name(self) -> str:
+        """The dry-run preview of one day (``preview.py``): writes nothing to the destination."""
+        return f"{self.name}_preview"
+
     # ------------------------------------------------------------------ resources
     @property
     def destination_resource(self) -> str:

@@ -25,7 +25,7 @@ from userpilot_sync.defs.automation import (
     build_schedules,
 )
 from userpilot_sync.defs.io_managers import DocumentedIOManager, ExportIOManager, LookupsIOManager, ManifestIOManager
-from userpilot_sync.defs.jobs import build_check_destination_job, build_lookups_job, build_sync_job
+from userpilot_sync.defs.jobs import build_check_destination_job, build_lookups_job, build_preview_job, build_sync_job
 from userpilot_sync.defs.keys import STAGING_RESOURCE_KEY, SyncJobKeys
 from userpilot_sync.defs.partitions import partitions_def
 from userpilot_sync.defs.notifications import build_freshness_sensor
@@ -46,7 +46,7 @@ def build_sync_job_definitions(job: SyncJob, staging: Path) -> dg.Definitions:
     keys = SyncJobKeys(job)
     assets = [build_day_assets(keys, partitions_def(keys))]
     sync_job = build_sync_job(keys)
-    jobs = [sync_job, build_check_destination_job(keys)]
+    jobs = [sync_job, build_check_destination_job(keys), build_preview_job(keys)]
     lookups_job = None
     if job.source.kind in ("demo", "export_api"):
         assets.append(build_lookups_asset(keys))

@@ -25,7 +25,7 @@ from userpilot_sync.faults import pause_point
 
 def write_documented(doc: DocumentedFile, job: SyncJob, partition: str, storage: Storage, work_dir: Path, *,
                      taken: set[str] = frozenset(), uploaded: list[FileRecord] | None = None) -> list[FileRecord]:
-    """Write ``doc`` for ``partition`` in each of ``job.formats``; returns its file records.
+    """Write ``doc`` for ``partition`` in each of ``job.file_formats``; returns its file records.
 
     ``taken``: paths the day's other files already use — a per-tag name that would replace one
     (e.g. a tag ``00001`` beside a ``track_feature`` export split into parts, userpilot layout)
@@ -40,7 +40,7 @@ def write_documented(doc: DocumentedFile, job: SyncJob, partition: str, storage:
     try:
         for file_id, table in doc.tables():
             escaped = escape_id(file_id) if split else None
-            for spec in job.formats:
+            for spec in job.file_formats:  # delta is a table per event type; documented files are files
                 label = doc.name if not split else f"{split[0]}_{escaped}"
                 parts = write_parts(iter(table.to_batches()), table.schema, spec, work_dir / spec.format, label,
                                     max_rows=job.max_file_rows, max_bytes=job.max_file_bytes)

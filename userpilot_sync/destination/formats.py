@@ -20,6 +20,11 @@ byte-identical files.
 Files are rotated into parts when ``max_rows`` rows or (approximately, after the row group
 that crosses it) ``max_bytes`` bytes are reached.
 
+An export with no rows has **no file** (no part): 0-row files break readers of a table folder or
+a date range (an empty NDJSON file fails polars ``read_ndjson`` and pyarrow's JSON reader, a 0-row
+deflate Avro file fails polars ``read_avro``), so an empty export is accounted for by the manifest
+alone (``status: empty``, ``rows: 0``, no entry in ``files``); see docs/reading.md.
+
 Timestamps must carry a time zone (the pipeline's are UTC): a naive timestamp column is refused
 by every writer, since Avro would shift it by the host's UTC offset and the other formats would
 label it UTC without knowing.
@@ -151,6 +156,8 @@ class _PartWriter:
 
     def __init__(self, path: Path, spec: FormatSpec, schema: pa.Schema, name: str):
         check_timestamps(schema, name)
+        if spec.format == "delta":  # staged as Parquet; destination/delta.py commits these rows to the table
+            spec = FormatSpec(format="parquet", compression=spec.compression)
         self.path = path
         self.spec = spec
         self.schema = schema
@@ -229,7 +236,7 @@ class PartsWriter:
     ``write(table)`` accepts tables of any size and chunking; rows are re-batched into groups of
     ``ROW_GROUP_ROWS`` (or ``max_rows``) exactly as one call of :func:`write_parts` over the same
     rows would, so the bytes do not depend on how the rows were handed in. ``close()`` returns the
-    parts (at least one: an empty export is a file with 0 rows and the schema). Not thread-safe:
+    parts (none for an export with no rows: an empty export has no file). Not thread-safe:
     one writer per thread. Raises DestinationError, before writing anything, when a timestamp
     column has no time zone.
     """
@@ -291,9 +298,7 @@ class PartsWriter:
         if self._writer is not None:
             self.parts.append(self._writer.close())
             self._writer = None
-        if not self.parts:
-            self.parts.append(self._new_writer().close())
-        return self.parts
+        return self.parts  # [] when no row was written: an empty export has no file
 
     def abort(self) -> None:
         """Close without finishing (after an error); the caller removes ``work_dir``."""
@@ -316,7 +321,7 @@ def write_parts(
 ) -> list[LocalPart]:
     """Write the rows of ``batches`` in one format as one or more part files under ``work_dir``.
 
-    Always returns at least one part (an empty export is a file with 0 rows and the schema).
+    Returns ``[]`` when ``batches`` hold no rows (an empty export has no file).
     Part files are named ``<name>.<n>.<extension>`` locally; the layout names them on upload.
     Raises DestinationError, before writing anything, when a timestamp column has no time zone.
     """

@@ -6,18 +6,28 @@ format and part number, so a re-export replaces the same objects.
     <prefix>/userpilot_datasync_<sync_id>_<app_token>/<YYYY-MM-DD>/<event_type>[_<part>].<ext>
     <prefix>/userpilot_datasync_<sync_id>_<app_token>/<YYYY-MM-DD>/_manifest.json
 
-``hive`` (partition discovery in Athena, BigQuery, DuckDB)::
+``hive`` (one table folder per format and event type: partition discovery in Spark, pyarrow,
+polars, DuckDB, Athena, BigQuery, Snowflake)::
 
-    <prefix>/<sync folder>/<event_type>/date=<YYYY-MM-DD>/part-<part>.<ext>
+    <prefix>/<sync folder>/<ext>/<event_type>/date=<YYYY-MM-DD>/part-<part>.<ext>
     <prefix>/<sync folder>/_manifests/date=<YYYY-MM-DD>/_manifest.json
+
+``<ext>`` is the file extension of the format (``parquet``, ``ndjson``, ``ndjson.gz``, ``csv``,
+``csv.gz``, ``avro``), so a table folder (``<ext>/<event_type>/``) holds files of one format and
+compression only, and a reader pointed at it needs no glob or file filter. Until version 2 of the
+hive layout (:data:`HIVE_LAYOUT_VERSION`) every format shared ``<event_type>/date=<D>/``
+(:func:`legacy_hive_data_path`); those keys never equal a current key, so a re-export of such a day
+lists every old file as superseded (``destination/superseded.py``).
 
 Documented files (``all_users``, ``feature_tags_breakdown``, ...) take an event type's place;
 per-tag/per-label files are ``<date>/track_feature_<escaped id>.<ext>`` (userpilot) and
-``track_feature/tag=<escaped id>/date=<date>/part-<part>.<ext>`` (hive; labels:
-``track_labeled_<id>`` and ``track_labeled/label=<id>/...``); see :meth:`Layout.documented_path`.
+``<ext>/track_feature_per_tag/tag=<escaped id>/date=<date>/part-<part>.<ext>`` (hive; labels:
+``track_labeled_<id>`` and ``<ext>/track_labeled_per_label/label=<id>/...``): their own table,
+never a subfolder of the ``track_feature`` table; see :meth:`Layout.documented_path`.
 
 Part numbers are five digits from ``00000``; the userpilot layout adds ``_<part>`` only when a
-day's export is split into several files.
+day's export is split into several files. An export with no rows has no file at all
+(``formats.PartsWriter``): the manifest accounts for it (``status: empty``, ``rows: 0``).
 """
 
 from __future__ import annotations
@@ -29,6 +39,15 @@ if TYPE_CHECKING:
     from userpilot_sync.config.model import SyncJob
 
 MANIFEST_NAME = "_manifest.json"
+#: Version of the hive key scheme: 2 = a table folder per format (``<ext>/<event_type>/date=...``).
+HIVE_LAYOUT_VERSION = 2
+
+
+def legacy_hive_data_path(partition: str, name: str, extension: str, part: int) -> str:
+    """Path of a data file in the hive layout before version 2 (every format in one folder):
+    ``<name>/date=<partition>/part-<part>.<ext>``. Kept to describe (and test) what older exports
+    wrote; nothing writes it."""
+    return f"{name}/date={partition}/part-{part:05d}.{extension}"
 
 
 @dataclass(frozen=True)
@@ -50,9 +69,12 @@ class Layout:
         return f"{self.root}/{relative_path}"
 
     def data_path(self, partition: str, event_type: str, extension: str, part: int, parts: int) -> str:
-        """Path (relative to the sync folder) of one data file."""
+        """Path (relative to the sync folder) of one data file: ``<partition>/<event_type>[_<part>].<ext>``
+        (userpilot) or ``<ext>/<event_type>/date=<partition>/part-<part>.<ext>`` (hive).
+        ``extension`` is the format's (``FormatSpec.extension``: ``parquet``, ``ndjson.gz``, ...);
+        ``part`` counts from 0 of ``parts``."""
         if self.kind == "hive":
-            return f"{event_type}/date={partition}/part-{part:05d}.{extension}"
+            return f"{extension}/{event_type}/date={partition}/part-{part:05d}.{extension}"
         suffix = f"_{part:05d}" if parts > 1 else ""
         return f"{partition}/{event_type}{suffix}.{extension}"
 
@@ -62,14 +84,17 @@ class Layout:
         ``escaped_id``, of one per-tag/per-label file::
 
             userpilot: <date>/all_users.<ext>          <date>/track_feature_<escaped id>.<ext>
-            hive:      all_users/date=<date>/part-00000.<ext>
-                       track_feature/tag=<escaped id>/date=<date>/part-00000.<ext>
+            hive:      <ext>/all_users/date=<date>/part-00000.<ext>
+                       <ext>/track_feature_per_tag/tag=<escaped id>/date=<date>/part-00000.<ext>
+
+        (hive: ``name`` is the table folder, so per-tag files are a table of their own, partitioned
+        by ``tag`` and ``date``, beside — not inside — the ``track_feature`` table.)
         """
         if split is None:
             return self.data_path(partition, name, extension, part, parts)
         base, key = split
         if self.kind == "hive":
-            return f"{base}/{key}={escaped_id}/date={partition}/part-{part:05d}.{extension}"
+            return f"{extension}/{name}/{key}={escaped_id}/date={partition}/part-{part:05d}.{extension}"
         suffix = f"_{part:05d}" if parts > 1 else ""
         return f"{partition}/{base}_{escaped_id}{suffix}.{extension}"
 

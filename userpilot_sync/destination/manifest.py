@@ -33,6 +33,11 @@ Fields of a complete manifest:
 * ``files``: path (relative to the sync folder), event_type (null for snapshots, breakdown and
   definitions), format, compression, part, rows, bytes, sha256; documented files add ``file``
   (their name) and per-tag/label files ``id`` (the full, unescaped id)
+* ``delta`` (sync jobs with the ``delta`` format): per event type its Delta table {``table``
+  (``_delta/<event_type>``), ``uri``, ``version`` (the commit that replaced the day; also
+  ``event_types.<type>.delta_version``), ``partition_column`` (``date``), ``partition``,
+  ``predicate``, ``mode``, ``compression``, ``rows``, ``bytes`` (the day's data files),
+  ``files_added``, ``files_removed``}; Delta files are not in ``files`` (not byte-identical)
 * ``superseded``: paths an earlier export of this partition wrote that this one no longer
   produces (deleted only when the sync job allows deletes; ``deleted`` says which)
 
@@ -40,7 +45,10 @@ A ``replacing`` manifest has the identity fields, ``window``, ``run_id``, ``star
 ``status_reason`` and ``replacing``: {``files``: paths earlier exports of the day wrote, which
 this run overwrites or supersedes}; its ``files`` list is empty (nothing of the day is readable).
 
-An empty day is a manifest with 0-row files and ``status: empty``, never a missing manifest.
+An empty day is a manifest with ``status: empty``, never a missing manifest. An export (event
+type or documented file) with no rows has no data file: its entry says ``rows: 0`` (``status:
+empty`` with a ``reason``) and ``files`` lists nothing of it; a file an earlier export of the day
+wrote for it is listed under ``superseded`` (and deleted where the sync job allows deletes).
 :func:`rows_by_event_type` reads the rows of manifest version 1 and 2 alike.
 """
 
@@ -86,6 +94,25 @@ class FileRecord:
         return out
 
 
+#: The one place each field of a manifest ``files`` entry (:class:`FileRecord`) is described
+#: (docs/schema.md's generated reference): field -> description. The manifest is this project's.
+FILE_RECORD_DOCS: dict[str, str] = {
+    "path": "The file's path relative to the sync folder (`<prefix>/<sync folder>/<path>` is its key).",
+    "event_type": "The event type of an event export or a per-tag/label file; null for the snapshots, "
+                  "the breakdown and the definitions.",
+    "format": "The export format (`parquet`, `ndjson`, `csv`, `avro`, ...).",
+    "compression": "The file's compression (`zstd`, `snappy`, `gzip`, `deflate`, `none`).",
+    "part": "The part number (0, 1, ...); a day's export is split only by `max_file_rows` / `max_file_bytes`.",
+    "rows": "Rows in the file.",
+    "bytes": "Size of the file in bytes.",
+    "sha256": "SHA-256 of the file's bytes, 64 lower-case hex digits.",
+    "file": "Documented files only: the file's name (`all_users`, `track_feature_per_tag`, ...); absent "
+            "otherwise.",
+    "id": "Per-tag/label files only: the full, unescaped feature-tag id or labeled event name; absent "
+          "otherwise.",
+}
+
+
 def build_manifest(
     *,
     sync_job: str,
@@ -112,6 +139,13 @@ def build_manifest(
     """
     exported_at = exported_at or datetime.now(timezone.utc)
     entries = {et: dict(entry) for et, entry in event_types.items()}
+    files = list(files)
+    # Delta Lake commits (destination/delta.py) travel with the files: listed apart, with their versions
+    delta = {f.event_type: f.to_dict() for f in files if f.format == "delta"}
+    files = [f for f in files if f.format != "delta"]
+    for et, table in delta.items():
+        if et in entries:
+            entries[et]["delta_version"] = table["version"]
     rows = sum(e["rows"] for e in entries.values())
     if rows:
         status, reason = STATUS_COMPLETE, f"{rows} rows exported in {sum(1 for e in entries.values() if e['rows'])} " \
@@ -133,6 +167,7 @@ def build_manifest(
         "event_types": entries,
         **({"userpilot_files": userpilot_files} if userpilot_files else {}),
         "files": [f.to_dict() for f in sorted(files, key=lambda f: f.path)],
+        **({"delta": dict(sorted(delta.items()))} if delta else {}),
         "superseded": sorted(set(superseded)),
         "deleted": sorted(set(deleted)),
     }

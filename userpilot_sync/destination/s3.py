@@ -81,6 +81,26 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+
+def boto3_session(dest: Any, credentials_from: Any, environ: dict[str, str]) -> tuple[Any, str | None]:
+    """``(boto3 Session, region)`` of an S3 destination: the fields of ``credentials_from`` (a
+    dagster-aws ``S3Resource`` or anything with its attribute names) or the standard AWS chain,
+    region from the destination or ``credentials_from.region_name``; with ``dest.role_arn`` the
+    identity assumes the role through STS (refreshed before expiry). Raises DestinationError
+    (missing external id variable)."""
+    src = credentials_from
+    session_kwargs = {}
+    if src is not None:
+        for name in ("profile_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
+            value = getattr(src, name, None)
+            if value:
+                session_kwargs[name] = value
+    region = dest.region or (getattr(src, "region_name", None) if src is not None else None)
+    session = boto3.session.Session(region_name=region, **session_kwargs)
+    if dest.role_arn:
+        session = _assumed_role_session(session, dest, region, getattr(dest, "sts_endpoint_url", None), environ)
+    return session, region
+
 def build_s3_client(dest: Any, *, credentials_from: Any = None, retry: RetryPolicy | None = None,
                     environ: dict[str, str] | None = None) -> Any:
     """A boto3 S3 client for an :class:`~userpilot_sync.config.model.S3Destination`.
@@ -101,17 +121,7 @@ def build_s3_client(dest: Any, *, credentials_from: Any = None, retry: RetryPoli
     sts_endpoint = getattr(dest, "sts_endpoint_url", None)
     if sts_endpoint:
         require_https(sts_endpoint, "S3 sts_endpoint_url")
-    src = credentials_from
-    session_kwargs = {}
-    if src is not None:
-        for name in ("profile_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
-            value = getattr(src, name, None)
-            if value:
-                session_kwargs[name] = value
-    region = dest.region or (getattr(src, "region_name", None) if src is not None else None)
-    session = boto3.session.Session(region_name=region, **session_kwargs)
-    if dest.role_arn:
-        session = _assumed_role_session(session, dest, region, sts_endpoint, environ)
+    session, region = boto3_session(dest, credentials_from, environ)
     checksum = dest.checksum
     flexible = "when_supported" if checksum in _ALGORITHM else "when_required"
     config = Config(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from userpilot_sync.destination.delta import is_delta_path
 from userpilot_sync.destination.layout import Layout
 from userpilot_sync.destination.storage import Storage
 
@@ -29,9 +30,11 @@ def superseded_paths(previous_files: Iterable[Any], new_files: Iterable[Any]) ->
     """Paths (relative to the sync folder) in ``previous_files`` but not in ``new_files``, sorted.
 
     Each item is a path string, a manifest ``files`` entry (dict with ``path``) or a FileRecord.
+    Paths in the Delta tables' folder (``_delta/``) are never superseded: Delta replaces a day by a
+    commit of its own (``destination/delta.py``).
     """
     new = {_path(f) for f in new_files}
-    return sorted({_path(f) for f in previous_files} - new)
+    return sorted({p for p in map(_path, previous_files) if not is_delta_path(p)} - new)
 
 
 def delete_superseded(storage: Storage, layout: Layout, paths: Iterable[str], *, allow_deletes: bool,
@@ -46,6 +49,8 @@ def delete_superseded(storage: Storage, layout: Layout, paths: Iterable[str], *,
     if not allow_deletes:
         return done
     for path in sorted(set(paths)):
+        if is_delta_path(path):  # a Delta table's files belong to its log, never to this cleanup
+            continue
         storage.delete(layout.key(path))
         done.append(path)
     return done

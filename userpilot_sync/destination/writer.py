@@ -3,13 +3,15 @@
 The export was encoded once, while it was validated (``export.prepare_export``: local part files
 per format); here each part is uploaded to its deterministic key (``layout.py``) and removed
 locally. Data files of a partition go first; the manifest, written by :func:`write_manifest`,
-goes last.
+goes last. An export with no rows has no parts, so nothing is uploaded for it (its manifest entry
+says ``rows: 0``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from userpilot_sync.config.model import SyncJob
 from userpilot_sync.destination.formats import CONTENT_TYPES
@@ -18,6 +20,9 @@ from userpilot_sync.destination.manifest import FileRecord, manifest_bytes
 from userpilot_sync.destination.storage import Storage
 from userpilot_sync.export import PreparedExport
 from userpilot_sync.faults import pause_point
+
+if TYPE_CHECKING:
+    from userpilot_sync.destination.delta import DeltaWriter
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class WrittenExport:
 
 
 def write_export(prepared: PreparedExport, job: SyncJob, storage: Storage, work_dir: Path | None = None,
-                 uploaded: list[FileRecord] | None = None) -> WrittenExport:
+                 uploaded: list[FileRecord] | None = None, delta: "DeltaWriter | None" = None) -> WrittenExport:
     """Upload the parts ``prepared`` holds for each of ``job.formats``. Returns the file records.
 
     ``uploaded``, when given, receives each file's record as soon as its upload succeeded, so a
@@ -39,11 +44,22 @@ def write_export(prepared: PreparedExport, job: SyncJob, storage: Storage, work_
     Raises DestinationError (from the storage) when an upload fails; parts already uploaded stay
     (they are replaced by the next export of the partition, and no manifest points at them), and
     KeyError when ``prepared`` holds no parts of one of the sync job's formats.
+
+    The ``delta`` format is a commit to the event type's Delta table, not files: ``delta`` (a
+    :class:`~userpilot_sync.destination.delta.DeltaWriter`; default: the sync job's own, the
+    standard credential chains) commits the day, and its record
+    (:class:`~userpilot_sync.destination.delta.DeltaCommit`, never in ``uploaded``) joins the files.
     """
     layout = layout_for(job)
     files: list[FileRecord] = []
     keys: list[str] = []
     for spec in job.formats:
+        if spec.format == "delta":
+            from userpilot_sync.destination.delta import DeltaWriter
+
+            files.append((delta or DeltaWriter(job)).commit(prepared, spec, storage))
+            keys.append(layout.key(files[-1].path))
+            continue
         parts = prepared.local_parts(spec.format)
         # No Content-Encoding: clients would decompress on download and break the sha256.
         content_type = "application/gzip" if spec.extension.endswith(".gz") else CONTENT_TYPES[spec.format]

@@ -64,6 +64,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from userpilot_sync.errors import ValidationError
+from userpilot_sync.schema.events import PROJECT_DECISION
 
 if TYPE_CHECKING:  # pragma: no cover
     from userpilot_sync.export import PreparedExport
@@ -93,6 +94,31 @@ DEFINITIONS_SCHEMA: pa.Schema = pa.schema([
     pa.field("description", pa.string(), nullable=True),
     pa.field("category", pa.string(), nullable=True),
 ])
+
+#: The one place each column of the two files is described (docs/schema.md's generated reference):
+#: file -> column -> (description, source). Userpilot documents the files (and the definitions'
+#: four fields), not their types.
+COLUMN_DOCS: dict[str, dict[str, tuple[str, str]]] = {
+    BREAKDOWN_FILE: {
+        "feature_tag_id": ("The feature tag (`track_feature`'s `event_name`); one row per tag with events on "
+                           "the day, sorted by it (UTF-8 byte order).", PROJECT_DECISION),
+        "name": ("The tag's name from the `features_events` lookup; null when unknown or the source has no "
+                 "lookups.", PROJECT_DECISION),
+        "events": ("The tag's `track_feature` events (rows) on the day: a `GROUP BY event_name` over the "
+                   "day's `track_feature` export.", PROJECT_DECISION),
+        "unique_users": ("Distinct non-null, non-empty `user_id` values among those events.", PROJECT_DECISION),
+        "unique_companies": ("Distinct non-null, non-empty `company_id` values among those events.",
+                             PROJECT_DECISION),
+    },
+    DEFINITIONS_FILE: {
+        "id": ("The feature-tag id (as in `track_feature`'s `event_name`): the `features_events` lookup rows "
+               "of type `feature_tag`, sorted by it. Written only when the source has lookups.",
+               "Userpilot Data Sync docs (fields); project decision"),
+        "name": ("The tag's name.", "Userpilot Data Sync docs"),
+        "description": ("The tag's description.", "Userpilot Data Sync docs"),
+        "category": ("The tag's category.", "Userpilot Data Sync docs"),
+    },
+}
 
 # ------------------------------------------------------------------------------ file names
 _SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")

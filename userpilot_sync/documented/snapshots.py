@@ -48,7 +48,7 @@ import polars as pl
 import pyarrow as pa
 
 from userpilot_sync.errors import ValidationError
-from userpilot_sync.schema.events import TIMESTAMP_TYPE
+from userpilot_sync.schema.events import PROJECT_DECISION, TIMESTAMP_TYPE
 
 USERS = "all_users"
 COMPANIES = "all_companies"
@@ -56,6 +56,38 @@ COMPANIES = "all_companies"
 ID_COLUMN = {USERS: "user_id", COMPANIES: "company_id"}
 #: The identify event type behind each snapshot.
 IDENTIFY_EVENT_TYPE = {USERS: "identify_user", COMPANIES: "identify_company"}
+
+#: The one place each snapshot column is described (shown in docs/schema.md's generated reference):
+#: file -> column -> (description, source). Userpilot documents the files, not their columns.
+COLUMN_DOCS: dict[str, dict[str, tuple[str, str]]] = {
+    USERS: {
+        "user_id": ("The user: at least one `identify_user` event from the history start to the end of the "
+                    "day. Rows are sorted by it.", PROJECT_DECISION),
+        "company_id": ("Latest non-empty `company_id` of the user's `identify_user` events (null: none).",
+                       PROJECT_DECISION),
+        "first_identified_at": ("The user's first `identify_user` event.", PROJECT_DECISION),
+        "last_identified_at": ("The user's latest `identify_user` event.", PROJECT_DECISION),
+        "last_event_at": ("The user's latest event of any type the sync job extracts (before event-type and "
+                          "event-name filters). After a lost state store was rebuilt from the source, earlier "
+                          "days count identify events only.", PROJECT_DECISION),
+        "properties": ("Key-by-key merge of the `metadata` of every `identify_user` event: each key from the "
+                       "latest event carrying it, by (`inserted_at`, `internal_event_id`); a key whose latest "
+                       "value is null stays, as null; `{}` when no event carried an object. Canonical JSON "
+                       "text like `metadata` (an object in NDJSON); absent when the sync job excludes "
+                       "`metadata`.", PROJECT_DECISION),
+    },
+    COMPANIES: {
+        "company_id": ("The company: at least one `identify_company` event from the history start to the end "
+                       "of the day. Rows are sorted by it.", PROJECT_DECISION),
+        "first_identified_at": ("The company's first `identify_company` event.", PROJECT_DECISION),
+        "last_identified_at": ("The company's latest `identify_company` event.", PROJECT_DECISION),
+        "last_event_at": ("The latest event of any type the sync job extracts that carries the company's id "
+                          "(before event-type and event-name filters).", PROJECT_DECISION),
+        "properties": ("Key-by-key merge of the `metadata` of every `identify_company` event, as for "
+                       "`all_users`; `{}` when none; absent when the sync job excludes `metadata`.",
+                       PROJECT_DECISION),
+    },
+}
 
 
 def snapshot_schema(name: str, with_properties: bool = True) -> pa.Schema:

@@ -4,32 +4,9 @@ Source of the facts: Userpilot Data Sync documentation, "Event Schema" (every ev
 same columns; ``event_type`` is one of seven values). Decisions where the docs are silent are
 marked "project decision" and documented in ``docs/schema.md``.
 
-Internal (staged) shape of one event, in this column order:
-
-================== ======================== ========= ==========================================
-column             Arrow type               nullable  notes
-================== ======================== ========= ==========================================
-app_token          string                   no        Userpilot environment, e.g. ``NX-1a2b3c4d``
-event_type         string                   no        one of :data:`EVENT_TYPES`
-event_name         string                   no        ``""`` when the docs say "empty"
-user_id            string                   yes
-company_id         string                   yes
-source             string                   yes       open set, see :data:`KNOWN_SOURCES`
-inserted_at        timestamp[us, tz=UTC]    no        when the event happened
-internal_event_id  string                   no        xxHash64 (see ``internal_event_id.py``)
-hostname           string                   yes
-pathname           string                   yes
-screen_width       int32                    yes       pixels, >= 0
-screen_height      int32                    yes       pixels, >= 0
-device_type        string                   yes
-user_agent         string                   yes
-operating_system   string                   yes
-browser            string                   yes
-browser_language   string                   yes
-session            string                   yes       session number, as text
-country_code       string                   yes       ISO 3166-1 alpha-2, upper case
-metadata           string (JSON object)     yes       project decision: JSON text, keys sorted
-================== ======================== ========= ==========================================
+Internal (staged) shape of one event: :data:`EVENT_COLUMNS`, in file order, each with its Arrow
+type, nullability, description and source — the one place columns are described (the Dagster UI
+shows them; ``python -m userpilot_sync.schema.reference`` renders them into docs/schema.md).
 
 ``interaction`` exports add three parsed columns (project decision), taken from
 ``event_name = {entity_type}:{entity_id}:{STATUS}``: ``entity_type``, ``entity_id``,
@@ -83,51 +60,92 @@ KNOWN_INTERACTION_STATUSES: tuple[str, ...] = (
 
 TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
 
+#: Where a column's meaning comes from (shown in docs/schema.md's generated reference).
+EVENT_SCHEMA_DOC = "Userpilot Event Schema"
+PROJECT_DECISION = "project decision"
+#: A documented column whose encoding or rule the project decides.
+EVENT_SCHEMA_AND_DECISION = f"{EVENT_SCHEMA_DOC}; {PROJECT_DECISION}"
+
 
 @dataclass(frozen=True)
 class Column:
-    """One column of the Event Schema: name, Arrow type, nullability and a description."""
+    """One column of the Event Schema: name, Arrow type, nullability, a description (the one
+    place it is written: the Dagster UI and docs/schema.md's generated reference show it) and
+    the source of the description's facts (:data:`EVENT_SCHEMA_DOC` or :data:`PROJECT_DECISION`)."""
 
     name: str
     arrow_type: pa.DataType
     nullable: bool
     description: str
+    source: str = EVENT_SCHEMA_DOC
 
 
 EVENT_COLUMNS: tuple[Column, ...] = (
-    Column("app_token", pa.string(), False, "Userpilot environment (app token)."),
-    Column("event_type", pa.string(), False, "One of the seven event types."),
+    Column("app_token", pa.string(), False,
+           "Userpilot environment (app token, e.g. `NX-1a2b3c4d`) the event belongs to; always the sync "
+           "job's app token."),
+    Column("event_type", pa.string(), False,
+           "One of the seven event types (a closed set); always the export's own event type."),
     Column(
         "event_name",
         pa.string(),
         False,
-        "Empty for identify_*, page_view, session_start; custom name for track; feature-tag id "
-        "for track_feature; '{entity_type}:{entity_id}:{STATUS}' for interaction.",
+        "Empty (`\"\"`) for identify_user, identify_company, page_view and session_start; the custom "
+        "event name for track; the feature-tag id for track_feature; `{entity_type}:{entity_id}:{STATUS}` "
+        "for interaction (e.g. `checklist:2:SEEN`, `experience:448:DISMISSED`).",
     ),
-    Column("user_id", pa.string(), True, "The user (empty for identify_company)."),
+    Column("user_id", pa.string(), True, "The user (empty for identify_company events)."),
     Column("company_id", pa.string(), True, "The company, when known."),
-    Column("source", pa.string(), True, "Where the event came from, e.g. web-client."),
-    Column("inserted_at", TIMESTAMP_TYPE, False, "When the event happened (UTC, microseconds)."),
-    Column("internal_event_id", pa.string(), False, "xxHash64 de-duplication key."),
-    Column("hostname", pa.string(), True, "Host of the page (web-client)."),
-    Column("pathname", pa.string(), True, "Path of the page (web-client)."),
-    Column("screen_width", pa.int32(), True, "Screen width in pixels."),
-    Column("screen_height", pa.int32(), True, "Screen height in pixels."),
+    Column("source", pa.string(), True,
+           "Where the event came from: web-client, backend-http, backend-http-import, backend-hubspot, "
+           "backend-salesforce, backend-segment. The set is open (project decision): any single token "
+           "passes; values outside that list are reported by the `known_values` warning check, not "
+           "rejected.",
+           EVENT_SCHEMA_AND_DECISION),
+    Column("inserted_at", TIMESTAMP_TYPE, False,
+           "When the event happened: UTC, microsecond precision; inside the partition's UTC day "
+           "[00:00, 24:00). Exports are ordered by (`inserted_at`, `internal_event_id`)."),
+    Column("internal_event_id", pa.string(), False,
+           "The de-duplication key: xxHash64 of (app_token, event_type, event_name, user_id, company_id, "
+           "inserted_at). Passed through when the source has it, else computed (the project's recipe: "
+           "docs/schema.md, \"internal_event_id\"). Rows with the same id and content are exact duplicates (dropped "
+           "and counted); the same id with different content fails the day. Uniqueness is checked per "
+           "hour (rows sharing an id meet there: the id hashes `inserted_at`) and per validated group "
+           "of hours.",
+           EVENT_SCHEMA_AND_DECISION),
+    Column("hostname", pa.string(), True, "Host of the page where the event happened (web-client)."),
+    Column("pathname", pa.string(), True, "Path of the page where the event happened (web-client)."),
+    Column("screen_width", pa.int32(), True, "Screen width in pixels (>= 0)."),
+    Column("screen_height", pa.int32(), True, "Screen height in pixels (>= 0)."),
     Column("device_type", pa.string(), True, "Auto-captured device type."),
     Column("user_agent", pa.string(), True, "Auto-captured user agent."),
     Column("operating_system", pa.string(), True, "Auto-captured operating system."),
     Column("browser", pa.string(), True, "Auto-captured browser."),
     Column("browser_language", pa.string(), True, "Auto-captured browser language."),
-    Column("session", pa.string(), True, "Session number."),
-    Column("country_code", pa.string(), True, "ISO 3166-1 alpha-2 country code."),
-    Column("metadata", pa.string(), True, "Per-type properties as a JSON object (text)."),
+    Column("session", pa.string(), True, "Session number, as text."),
+    Column("country_code", pa.string(), True, "ISO 3166-1 alpha-2 country code (two upper-case letters)."),
+    Column("metadata", pa.string(), True,
+           "Per-type properties as one JSON object: user/company properties for identify_*, event "
+           "properties for track, answers for survey and NPS interactions. Encoding (project decision): "
+           "canonical JSON text (sorted keys, no spaces) in Parquet, CSV and Avro; a JSON object in "
+           "NDJSON.",
+           EVENT_SCHEMA_AND_DECISION),
 )
 
 #: Parsed columns added to interaction exports (project decision).
 INTERACTION_COLUMNS: tuple[Column, ...] = (
-    Column("entity_type", pa.string(), False, "Entity of the interaction: experience, checklist, nps, survey, ..."),
-    Column("entity_id", pa.string(), False, "Id of the entity (join to the lookups)."),
-    Column("interaction_status", pa.string(), False, "SEEN, STARTED, COMPLETED, DISMISSED, SKIPPED, SUBMITTED, ..."),
+    Column("entity_type", pa.string(), False,
+           "Parsed from `event_name`: the interaction's entity — `experience` (flows), `checklist`, "
+           "`nps`, `survey`; spotlights, banners and the resource center have their own entity types.",
+           PROJECT_DECISION),
+    Column("entity_id", pa.string(), False,
+           "Parsed from `event_name`: the entity's id; with `entity_type` it joins a lookup table's "
+           "`entity_type` + `id`.",
+           PROJECT_DECISION),
+    Column("interaction_status", pa.string(), False,
+           "Parsed from `event_name`: SEEN, STARTED, COMPLETED, DISMISSED, SKIPPED, SUBMITTED, ... (open "
+           "set: other statuses are reported by the `known_values` warning check, not rejected).",
+           PROJECT_DECISION),
 )
 
 #: Columns that cannot be excluded: the six fields hashed into internal_event_id, and the id.

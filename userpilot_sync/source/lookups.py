@@ -50,6 +50,7 @@ import polars as pl
 import pyarrow as pa
 
 from userpilot_sync.errors import ValidationError
+from userpilot_sync.schema.events import PROJECT_DECISION
 from userpilot_sync.source.demo import FEATURE_TAGS, INTERACTION_ENTITIES, TRACK_EVENTS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,6 +86,31 @@ DEFAULT_ENTITY_TYPES = {
     "banners": "banner",
     "embeds": "embed",
     "resource_center_modules": "resource_center",
+}
+#: The one place each lookup column is described (docs/schema.md's generated reference): column ->
+#: (description, source); one meaning in every kind that has the column. The API documents the
+#: lookups, not their record shapes, so the columns are project decisions.
+LOOKUP_COLUMN_DOCS: dict[str, tuple[str, str]] = {
+    "id": ("The definition's id, as text, never empty (numbers become text, so `\"448\"` joins "
+           "`experience:448:SEEN`); rows are sorted by it.", PROJECT_DECISION),
+    "name": ("The definition's name (API keys `name`, `title`, `label` or `key`).", PROJECT_DECISION),
+    "entity_type": ("The interaction entity type used in `event_name` (`experience` for flows, `nps` or "
+                    "`survey` for surveys, ...): `entity_type` + `id` join an interaction export's "
+                    "`entity_type` + `entity_id`.", PROJECT_DECISION),
+    "survey_type": ("The survey's type as the API gives it.", PROJECT_DECISION),
+    "status": ("The definition's status as the API gives it (e.g. published, draft).", PROJECT_DECISION),
+    "created_at": ("When the definition was created (UTC).", PROJECT_DECISION),
+    "updated_at": ("When the definition was last updated (UTC).", PROJECT_DECISION),
+    "questions": ("The survey's questions: JSON text, a list of `{id, title, type}`.", PROJECT_DECISION),
+    "description": ("The definition's description.", PROJECT_DECISION),
+    "display_name": ("The property's display name.", PROJECT_DECISION),
+    "data_type": ("The property's data type as the API gives it.", PROJECT_DECISION),
+    "type": ("`feature_tag` (id = the feature-tag id in `track_feature`'s `event_name`), `labeled_event` or "
+             "`tracked_event` (id = the event name).", PROJECT_DECISION),
+    "category": ("The feature or event's category.", PROJECT_DECISION),
+    "event_name": ("The event the property belongs to.", PROJECT_DECISION),
+    "attributes": ("The complete record as the API sent it (JSON text, keys sorted), so nothing the API "
+                   "adds is lost.", PROJECT_DECISION),
 }
 #: Alternative keys an API record may use for a column (first present wins).
 _ALIASES = {
