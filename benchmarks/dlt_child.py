@@ -42,6 +42,12 @@ DATASET = "userpilot_events"
 PIPELINE = "bench_dlt"
 
 
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, every thread) of this process so far (dlt's load threads included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
 def main(args: dict) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dlt-", dir=args.get("tmp")))
     # dlt's own folders and configuration, all in the temporary folder; set before dlt is imported
@@ -95,9 +101,11 @@ def run(args: dict, work: Path) -> None:
 
     pipeline.destination_client()
     before = set(sys.modules)
+    cpu0 = _cpu_s()
     t0 = time.perf_counter()
     pipeline.run(events(), loader_file_format="parquet")
     wall = time.perf_counter() - t0
+    cpu = _cpu_s() - cpu0
 
     trace = pipeline.last_trace
     stages = {step.step: (step.finished_at - step.started_at).total_seconds()
@@ -110,6 +118,7 @@ def run(args: dict, work: Path) -> None:
     files, output_bytes, meta_files = _listing(args, event_tables)
     out = {
         "wall_s": wall,
+        "cpu_s": round(cpu, 3),
         "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "rows": sum(row_counts[t] for t in event_tables),
         "output_bytes": output_bytes,

@@ -274,7 +274,8 @@ def bench_export(name: str, events: int, server: S3Server, profile_dir: Path | N
         raise RuntimeError(f"{name} exported {out['rows']} rows of {events}")
     rec = _record(name, events, out["wall_s"], rss_kb if profile is None else out["maxrss_kb"], info["arrow_bytes"],
                   process_wall_s=round(process_wall, 2), output_bytes=out.get("output_bytes"),
-                  files=out.get("files"), rows_exported=out.get("rows"), source_mb=round(info["arrow_bytes"] / MB, 1))
+                  files=out.get("files"), rows_exported=out.get("rows"), source_mb=round(info["arrow_bytes"] / MB, 1),
+                  cpu_s=out.get("cpu_s"))
     stages = _stages(out)
     if stages is not None:
         rec["stages"] = stages

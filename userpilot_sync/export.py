@@ -28,6 +28,7 @@ prepared (``pipeline.prepare_days``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections import Counter
@@ -111,6 +112,19 @@ class PreparedExport:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
+    def moved(self, old_root: Path, new_root: Path, out_dir: Path) -> None:
+        """Point the paths of the encoded parts and kept rows from ``old_root`` to ``new_root``
+        after the folder holding them was renamed (a staged day moved into place), and rewrite
+        ``out_dir/prepared.json`` (``out_dir``: the export's folder after the move)."""
+        old, new = str(old_root), str(new_root)
+
+        def move(path: str) -> str:
+            return new + path[len(old):] if path.startswith(old + os.sep) else path
+
+        self.files = [move(f) for f in self.files]
+        self.parts = {fmt: [dict(p, path=move(p["path"])) for p in parts] for fmt, parts in self.parts.items()}
+        (Path(out_dir) / PREPARED_RECORD).write_text(self.to_json())
+
 
 def glob_to_regex(pattern: str) -> str:
     """A shell-style glob (``*``, ``?``, ``[...]``) as an anchored regular expression."""
@@ -168,11 +182,11 @@ def _add_interaction_columns(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 class _StagedHours:
-    """Reads staged hours of one event type: memory-mapped record batches, by ``StagedDay.hours``."""
+    """Reads staged hours of one event type from its staged files (``<raw_dir>/<NNNNN>.arrow``):
+    record batches by ``StagedDay.hours`` references."""
 
-    def __init__(self, staged: StagedDay, event_type: str):
-        self.staged = staged
-        self.event_type = event_type
+    def __init__(self, raw_dir: Path):
+        self.raw_dir = Path(raw_dir)
         self.readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
         self.sources: list[pa.OSFile] = []
 
@@ -193,7 +207,7 @@ class _StagedHours:
                 if reader is None:
                     # plain reads, not a memory map: mapped pages of the staged files would count in the
                     # process's memory (RSS) for as long as the file stays open
-                    source = pa.OSFile(str(self.staged.staged_file(self.event_type, number)))
+                    source = pa.OSFile(str(self.raw_dir / f"{number:05d}{STAGED_SUFFIX}"))
                     self.sources.append(source)
                     reader = pa.ipc.open_file(source)
                     self.readers[number] = reader
@@ -237,6 +251,161 @@ def _hour_groups(hours: list, rows_per_group: int) -> Iterator[list]:
         yield group
 
 
+class ExportPreparer:
+    """One export (an event type of a partition) prepared group by group: the streaming form of
+    :func:`prepare_export`, for callers that receive the staged hours while staging still runs
+    (``pipeline.stage_and_prepare``).
+
+    ``add(group)`` takes the next group of consecutive staged hours (``[(hour, [(file number,
+    batch index, rows), ...]), ...]``, hours ascending, groups in order; the staged files under
+    ``raw_dir`` holding them must be closed); ``finish(source_rows)`` closes the encoded parts and
+    returns the :class:`PreparedExport`; ``abort()`` closes everything and deletes ``out_dir``.
+    Fed the groups of :func:`_hour_groups` over all staged hours, the result is byte for byte the
+    one :func:`prepare_export` gives. ``add`` raises ValidationError (naming sync job, partition,
+    event type, column and samples); the preparer is then aborted.
+    """
+
+    def __init__(self, job: SyncJob, partition: str, event_type: str, exclude_columns: list[str], raw_dir: Path,
+                 out_dir: Path, *, formats: tuple[FormatSpec, ...] | None = None, keep_rows: bool = False):
+        out_dir = Path(out_dir)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        self.job = job
+        self.partition = partition
+        self.event_type = event_type
+        self.exclude_columns = list(exclude_columns)
+        self.out_dir = out_dir
+        self.keep_rows = keep_rows
+        self.formats = tuple(job.formats if formats is None else formats)
+        self.day_start, self.day_end = day_window(parse_partition(partition))
+        self.schema = export_arrow_schema(event_type, self.exclude_columns)
+        self.predicate = filter_expr(job.filters)
+        self.files: list[str] = []
+        self.rows = self.staged_rows = self.filtered = self.dupes = 0
+        self.unknown_sources: Counter = Counter()
+        self.unknown_statuses: Counter = Counter()
+        self.entities: Counter = Counter()
+        self.writers = [PartsWriter(self.schema, spec, out_dir / spec.format, event_type, max_rows=job.max_file_rows,
+                                    max_bytes=job.max_file_bytes) for spec in self.formats]
+        self.kept: IpcFileWriter | None = None
+        self.reader = _StagedHours(raw_dir)
+        self.closed = False
+
+    def add(self, group: list) -> None:
+        """Filter, de-duplicate, order, validate and encode one group of staged hours."""
+        try:
+            self._add(group)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _add(self, group: list) -> None:
+        job, event_type, schema = self.job, self.event_type, self.schema
+        frame = self.reader.read(group)
+        self.reader.close()  # the batches were read into memory; at most one group's files are open
+        self.staged_rows += frame.height
+        if self.predicate is not None:
+            kept_rows = frame.filter(self.predicate)
+            self.filtered += frame.height - kept_rows.height
+            frame = kept_rows
+        if event_type == "interaction":
+            frame = _add_interaction_columns(frame)
+        # Fast path: ids all distinct -> no exact duplicates and no conflicting ids, nothing to
+        # drop (hashing one column instead of every column of every row); else hour by hour.
+        if frame.get_column("internal_event_id").is_duplicated().any():
+            pieces = []
+            for (_,), hour_frame in frame.group_by(["_hour"], maintain_order=True):
+                hour_frame, dropped = _dedupe_hour(hour_frame.drop("_hour"), job, self.partition, event_type)
+                self.dupes += dropped
+                pieces.append(hour_frame.sort(list(SORT_KEY), maintain_order=True))
+            frame = pl.concat(pieces, how="vertical") if pieces else frame.drop("_hour")
+        else:
+            frame = frame.drop("_hour").sort(list(SORT_KEY), maintain_order=True)
+        frame = frame.select(schema.names)
+        validate_export_frame(
+            frame,
+            sync_job=job.name,
+            partition=self.partition,
+            event_type=event_type,
+            exclude_columns=self.exclude_columns,
+            app_token=job.app_token,
+            day_start=self.day_start,
+            day_end=self.day_end,
+        )
+        if "source" in frame.columns:
+            for value, n in frame.get_column("source").drop_nulls().value_counts().iter_rows():
+                if value not in KNOWN_SOURCES:
+                    self.unknown_sources[value] += n
+        if event_type == "interaction":
+            for value, n in frame.get_column("interaction_status").value_counts().iter_rows():
+                if value not in KNOWN_INTERACTION_STATUSES:
+                    self.unknown_statuses[value] += n
+            for value, n in frame.get_column("entity_type").value_counts().iter_rows():
+                self.entities[value] += n
+        if not frame.height:
+            return
+        # string views straight from polars, one cast to the export schema's strings (not
+        # large_string first: one copy of the group fewer)
+        table = frame.to_arrow(compat_level=pl.CompatLevel.newest()).cast(schema)
+        del frame
+        for writer in self.writers:
+            writer.write(table)
+        if self.keep_rows:
+            if self.kept is None:
+                path = self.out_dir / f"{len(self.files):05d}{STAGED_SUFFIX}"
+                self.kept = IpcFileWriter(path, schema)
+                self.files.append(str(path))
+            self.kept.write_table(table)
+        self.rows += table.num_rows
+
+    def finish(self, source_rows: int) -> PreparedExport:
+        """Close the encoded parts; the prepared export (also written to ``out_dir/prepared.json``).
+        ``source_rows``: the rows the partition received from the source (``StagedDay.rows_received``)."""
+        try:
+            parts = {spec.format: [{"path": str(p.path), "rows": p.rows, "bytes": p.bytes, "sha256": p.sha256}
+                                   for p in writer.close()] for spec, writer in zip(self.formats, self.writers)}
+        except BaseException:
+            self.abort()
+            raise
+        self._close_inputs()
+        prepared = PreparedExport(
+            sync_job=self.job.name,
+            partition=self.partition,
+            event_type=self.event_type,
+            files=self.files,
+            rows=self.rows,
+            rows_staged=self.staged_rows,
+            filtered_out=self.filtered,
+            duplicates_dropped=self.dupes,
+            exclude_columns=self.exclude_columns,
+            unknown_sources=dict(sorted(self.unknown_sources.items())),
+            unknown_statuses=dict(sorted(self.unknown_statuses.items())),
+            entity_types=dict(sorted(self.entities.items())),
+            source_rows=source_rows,
+            parts=parts,
+            rows_kept=self.keep_rows,
+        )
+        (self.out_dir / PREPARED_RECORD).write_text(prepared.to_json())
+        return prepared
+
+    def _close_inputs(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reader.close()
+        if self.kept is not None:
+            self.kept.close()
+
+    def abort(self) -> None:
+        """Stop: close the staged files and the encoders, delete ``out_dir``. Idempotent."""
+        if not self.closed:
+            for writer in self.writers:
+                writer.abort()
+            self._close_inputs()
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+
+
 def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Path, *,
                    formats: tuple[FormatSpec, ...] | None = None, keep_rows: bool = False) -> PreparedExport:
     """Filter, de-duplicate, order, validate and encode one event type of a staged partition.
@@ -247,109 +416,11 @@ def prepare_export(staged: StagedDay, job: SyncJob, event_type: str, out_dir: Pa
     files). ``out_dir`` is replaced if present. Raises ValidationError naming the sync job,
     partition, event type, column and failing values; nothing is left open on errors.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    formats = tuple(job.formats if formats is None else formats)
-    day_start, day_end = day_window(parse_partition(staged.partition))
-    schema = export_arrow_schema(event_type, staged.exclude_columns)
-    predicate = filter_expr(job.filters)
-    files: list[str] = []
-    rows = staged_rows = filtered = dupes = 0
-    unknown_sources: Counter = Counter()
-    unknown_statuses: Counter = Counter()
-    entities: Counter = Counter()
-    writers = [PartsWriter(schema, spec, out_dir / spec.format, event_type, max_rows=job.max_file_rows,
-                           max_bytes=job.max_file_bytes) for spec in formats]
-    kept: IpcFileWriter | None = None
-    reader = _StagedHours(staged, event_type)
-    try:
-        for group in _hour_groups(staged.hours(event_type), VALIDATION_ROWS):
-            frame = reader.read(group)
-            staged_rows += frame.height
-            if predicate is not None:
-                kept_rows = frame.filter(predicate)
-                filtered += frame.height - kept_rows.height
-                frame = kept_rows
-            if event_type == "interaction":
-                frame = _add_interaction_columns(frame)
-            # Fast path: ids all distinct -> no exact duplicates and no conflicting ids, nothing to
-            # drop (hashing one column instead of every column of every row); else hour by hour.
-            if frame.get_column("internal_event_id").is_duplicated().any():
-                pieces = []
-                for (_,), hour_frame in frame.group_by(["_hour"], maintain_order=True):
-                    hour_frame, dropped = _dedupe_hour(hour_frame.drop("_hour"), job, staged.partition, event_type)
-                    dupes += dropped
-                    pieces.append(hour_frame.sort(list(SORT_KEY), maintain_order=True))
-                frame = pl.concat(pieces, how="vertical") if pieces else frame.drop("_hour")
-            else:
-                frame = frame.drop("_hour").sort(list(SORT_KEY), maintain_order=True)
-            frame = frame.select(schema.names)
-            validate_export_frame(
-                frame,
-                sync_job=job.name,
-                partition=staged.partition,
-                event_type=event_type,
-                exclude_columns=staged.exclude_columns,
-                app_token=job.app_token,
-                day_start=day_start,
-                day_end=day_end,
-            )
-            if "source" in frame.columns:
-                for value, n in frame.get_column("source").drop_nulls().value_counts().iter_rows():
-                    if value not in KNOWN_SOURCES:
-                        unknown_sources[value] += n
-            if event_type == "interaction":
-                for value, n in frame.get_column("interaction_status").value_counts().iter_rows():
-                    if value not in KNOWN_INTERACTION_STATUSES:
-                        unknown_statuses[value] += n
-                for value, n in frame.get_column("entity_type").value_counts().iter_rows():
-                    entities[value] += n
-            if not frame.height:
-                continue
-            # string views straight from polars, one cast to the export schema's strings (not
-            # large_string first: one copy of the group fewer)
-            table = frame.to_arrow(compat_level=pl.CompatLevel.newest()).cast(schema)
-            del frame
-            for writer in writers:
-                writer.write(table)
-            if keep_rows:
-                if kept is None:
-                    path = out_dir / f"{len(files):05d}{STAGED_SUFFIX}"
-                    kept = IpcFileWriter(path, schema)
-                    files.append(str(path))
-                kept.write_table(table)
-            rows += table.num_rows
-        parts = {spec.format: [{"path": str(p.path), "rows": p.rows, "bytes": p.bytes, "sha256": p.sha256}
-                               for p in writer.close()] for spec, writer in zip(formats, writers)}
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
-    finally:
-        reader.close()
-        if kept is not None:
-            kept.close()
-    prepared = PreparedExport(
-        sync_job=job.name,
-        partition=staged.partition,
-        event_type=event_type,
-        files=files,
-        rows=rows,
-        rows_staged=staged_rows,
-        filtered_out=filtered,
-        duplicates_dropped=dupes,
-        exclude_columns=list(staged.exclude_columns),
-        unknown_sources=dict(sorted(unknown_sources.items())),
-        unknown_statuses=dict(sorted(unknown_statuses.items())),
-        entity_types=dict(sorted(entities.items())),
-        source_rows=staged.rows_received,
-        parts=parts,
-        rows_kept=keep_rows,
-    )
-    (out_dir / PREPARED_RECORD).write_text(prepared.to_json())
-    return prepared
+    preparer = ExportPreparer(job, staged.partition, event_type, staged.exclude_columns,
+                              staged.root / "raw" / event_type, out_dir, formats=formats, keep_rows=keep_rows)
+    for group in _hour_groups(staged.hours(event_type), VALIDATION_ROWS):
+        preparer.add(group)
+    return preparer.finish(staged.rows_received)
 
 
 def load_prepared(out_dir: Path) -> PreparedExport:

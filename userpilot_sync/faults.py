@@ -15,6 +15,8 @@ Points (names are part of the test contract):
 * ``run_start``: a Celery worker's child took a run and opened its database session, Dagster has
   not started the run yet (``userpilot_sync/cluster/worker.py``);
 * ``extracting``: the first records of an extraction are staged, the rest not yet received;
+* ``prepared_early``: a group of staged hours was prepared (encoded to local part files) while the
+  extraction is still being staged (``pipeline.stage_and_prepare``);
 * ``staged``: a run's days are staged on local disk, nothing has been written to the destination;
 * ``uploading``: the first data file of a day has been uploaded, the others not yet;
 * ``multipart``: an S3 multipart upload has its first part stored, not yet completed;
@@ -29,7 +31,7 @@ from pathlib import Path
 
 PAUSE_AT_ENV = "USERPILOT_SYNC_PAUSE_AT"
 PAUSE_DIR_ENV = "USERPILOT_SYNC_PAUSE_DIR"
-POINTS = ("run_start", "extracting", "staged", "uploading", "multipart", "before_manifest")
+POINTS = ("run_start", "extracting", "prepared_early", "staged", "uploading", "multipart", "before_manifest")
 
 
 def pause_point(name: str, scope: str | None = None) -> None:

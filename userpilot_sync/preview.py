@@ -1,7 +1,7 @@
 """Dry-run preview of one day of a sync job: what an export would write, without writing it.
 
-:func:`preview_day` runs the real steps of an export (``pipeline.extract_and_stage``,
-``pipeline.prepare_days``, the accounting guard, the documented files, ``writer.write_export`` /
+:func:`preview_day` runs the real steps of an export (``pipeline.stage_and_prepare``:
+staging and preparation, the accounting guard, the documented files, ``writer.write_export`` /
 ``documented.write_documented`` / ``writer.write_manifest``, ``pipeline.manifest_for``) with the
 day staged in a temporary folder and a :class:`RecordingStorage` in place of the destination: the
 writers name every object exactly as an export would (same layout code, same keys, same bytes,
@@ -227,7 +227,7 @@ def preview_day(job: SyncJob, partition: str, work_root: Path, *, state_root: Pa
     from userpilot_sync.guards import check_accounting, shrink_error, shrink_violations, settings_changes
     from userpilot_sync.destination.manifest import rows_by_event_type
     from userpilot_sync.partitions import window_partition_keys
-    from userpilot_sync.pipeline import day_counts, extract_and_stage, manifest_for, prepare_days
+    from userpilot_sync.pipeline import day_counts, manifest_for, stage_and_prepare
     from userpilot_sync.source.factory import build_source
 
     earlier = earlier or EarlierExports()
@@ -246,8 +246,9 @@ def preview_day(job: SyncJob, partition: str, work_root: Path, *, state_root: Pa
                      f"{earlier.recorded_fingerprint}, now {earlier.fingerprint}): a real export is refused")
     work_root = Path(work_root)
     try:
-        staged = extract_and_stage(job, [day], work_root, source)[pk]
-        result = prepare_days(job, [staged])[pk]
+        both = stage_and_prepare(job, [day], work_root, source)
+        staged = both.staged[pk]
+        result = both.prepared[pk]
         if isinstance(result, ValidationError):
             raise result
         prepared = result

@@ -37,10 +37,10 @@ import shutil
 import threading
 import uuid
 from collections import Counter, OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Protocol
 
 import polars as pl
 import pyarrow as pa
@@ -216,10 +216,159 @@ class _BucketWriters:
         self.index.setdefault(key, []).extend([hour, number, written[0] + i, n] for i, n in enumerate(rows))
         written[0] += len(rows)
 
+    def close_file_of(self, key: tuple[date, str], numbers: set[int]) -> None:
+        """Close the open staged file of ``key`` if its number is in ``numbers`` (its batches become
+        readable; the next write of ``key`` starts another file)."""
+        entry = self.writers.get(key)
+        if entry is not None and entry[1] in numbers:
+            del self.writers[key]
+            entry[0].close()
+
     def close(self) -> None:
         for writer, _, _ in self.writers.values():
             writer.close()
         self.writers.clear()
+
+
+class StagingWatch(Protocol):
+    """Told, while staging runs, which staged hours the source has moved past (``stage_days(watch=)``).
+
+    ``group_ready`` hands the next group of consecutive staged hours of one (day, event type), in
+    hour order, as :func:`export._hour_groups` would form it over the finished day: ``group`` is
+    ``[(hour, [(file number, batch index, rows), ...]), ...]``, the files under ``raw_dir``
+    (``<temporary day folder>/raw/<event_type>``) are closed; the last groups come when staging
+    finished, before ``stage_days`` returns. ``complete`` follows the last group of a (day, event
+    type): its whole day is sealed (or staging finished). ``late`` says a later source batch added
+    rows to an hour already handed (or to a complete (day, event type)): every group handed for it
+    is void, and none follows. All three are called on the staging thread and must return quickly.
+    """
+
+    def group_ready(self, day: date, event_type: str, raw_dir: Path, group: list) -> None: ...
+
+    def complete(self, day: date, event_type: str) -> None: ...
+
+    def late(self, day: date, event_type: str) -> None: ...
+
+
+#: Hours are handed to a StagingWatch once the oldest event of the newest source group is this many
+#: hours past them (an hour of slack for sources that are ordered by time only roughly).
+SEAL_LAG_HOURS = 1
+
+
+class _Sealer:
+    """Decides, after each staged source group, which staged hours are complete (sealed) and hands
+    them to a :class:`StagingWatch` in groups of at least ``rows_per_group`` staged rows.
+
+    An hour is sealed once the oldest event of the newest source group is ``SEAL_LAG_HOURS`` past
+    its end (sources delivering in time order; any other order only costs redone work: a row that
+    lands in an hour already handed makes the (day, event type) ``late``, and it is no longer
+    handed early)."""
+
+    def __init__(self, writers: _BucketWriters, tmp_root: Path, watch: StagingWatch, rows_per_group: int):
+        self.writers = writers
+        self.tmp_root = tmp_root
+        self.watch = watch
+        self.rows_per_group = rows_per_group
+        self.sealed = -1  # hours (ordinal: day.toordinal() * 24 + hour) below this are sealed
+        self.cursor: Counter = Counter()  # entries of writers.index[key] already looked at
+        self.pending: dict[tuple[date, str], dict[int, list[tuple[int, int, int]]]] = {}
+        self.handed: dict[tuple[date, str], int] = {}  # hours of the day below this were handed
+        self.void: set[tuple[date, str]] = set()
+
+    def _collect(self) -> None:
+        for key, entries in self.writers.index.items():
+            start = self.cursor[key]
+            if start == len(entries) or key in self.void:
+                self.cursor[key] = len(entries)
+                continue
+            self.cursor[key] = len(entries)
+            pending = self.pending.setdefault(key, {})
+            handed = self.handed.get(key, 0)
+            for hour, number, index, rows in entries[start:]:
+                if hour < handed:
+                    self.void.add(key)
+                    self.pending.pop(key, None)
+                    self.watch.late(*key)
+                    break
+                pending.setdefault(hour, []).append((number, index, rows))
+
+    def staged(self, oldest: datetime | None) -> None:
+        """After a source group was staged; ``oldest``: its oldest ``inserted_at`` (UTC)."""
+        self._collect()
+        if oldest is not None:
+            hour = oldest.date().toordinal() * 24 + oldest.hour - SEAL_LAG_HOURS
+            self.sealed = max(self.sealed, hour)
+        for key in list(self.pending):
+            self._hand(key, final=False)
+
+    def finish(self) -> None:
+        """Staging finished (every staged file closed): hand every remaining hour."""
+        self._collect()
+        self.sealed = 1 << 62
+        for key in list(self.pending):
+            self._hand(key, final=True)
+
+    def _hand(self, key: tuple[date, str], final: bool) -> None:
+        """Hand the sealed hours of ``key`` in complete groups; once its whole day is sealed (or
+        ``final``: staging finished) also the last, partial group, and say it is complete."""
+        pending = self.pending[key]
+        base = key[0].toordinal() * 24
+        group: list = []
+        rows = 0
+        for hour in sorted(pending):
+            if base + hour >= self.sealed:
+                break
+            group.append((hour, pending[hour]))
+            rows += sum(n for *_, n in pending[hour])
+            if rows >= self.rows_per_group:
+                self._give(key, group)
+                group, rows = [], 0
+        if final or self.sealed >= base + 24:
+            if group:
+                self._give(key, group)
+            del self.pending[key]
+            self.handed[key] = 24  # any later row of this (day, event type) is late
+            self.watch.complete(*key)
+
+    def _give(self, key: tuple[date, str], group: list) -> None:
+        pending = self.pending[key]
+        for hour, _ in group:
+            del pending[hour]
+        self.handed[key] = group[-1][0] + 1
+        self.writers.close_file_of(key, {ref[0] for _, refs in group for ref in refs})
+        day, event_type = key
+        self.watch.group_ready(day, event_type, self.tmp_root / day.isoformat() / "raw" / event_type, group)
+
+
+@dataclass
+class StagingArea:
+    """Days staged into a temporary folder (``stage_days(..., publish=False)``), not yet in place.
+
+    ``days`` are the staged days by partition key, their ``path`` inside ``tmp_root``. ``publish()``
+    moves each into ``<root>/<sync job>/<day>/`` (replacing an older staging of it) and returns them
+    with their final paths; ``discard()`` deletes the temporary folder. One of the two must be called.
+    """
+
+    root: Path
+    sync_job: str
+    tmp_root: Path
+    days: dict[str, StagedDay]
+
+    def publish(self) -> dict[str, StagedDay]:
+        try:
+            for key, record in self.days.items():
+                tmp_day = Path(record.path)
+                final = partition_dir(self.root, self.sync_job, key)
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp_day.rename(final)
+                record.path = str(final)
+        finally:
+            shutil.rmtree(self.tmp_root, ignore_errors=True)
+        return self.days
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp_root, ignore_errors=True)
 
 
 def _prefetched(batches: Iterable[Any], depth: int = PREFETCH_BATCHES, *,
@@ -309,13 +458,22 @@ def stage_days(
     days: Iterable[date],
     root: Path,
     exclude_columns: Iterable[str] = (),
-) -> dict[str, StagedDay]:
+    watch: StagingWatch | None = None,
+    rows_per_group: int = 65_536,
+    publish: bool = True,
+) -> dict[str, StagedDay] | StagingArea:
     """Stage the extraction's batches into one folder per requested day.
 
     ``days`` must be consecutive; the window is [first day 00:00, last day + 1 00:00) UTC.
     Returns the staged days by partition key. Raises SourceError for unreadable batches and
     ValidationError for events of an unknown event type (naming job, partition and values).
     Existing staged folders of these days are replaced only after staging succeeded.
+
+    ``watch`` (a :class:`StagingWatch`) is handed the staged hours of each (day, event type) in
+    groups of at least ``rows_per_group`` staged rows as soon as the source has moved past them,
+    and the rest when staging finished. ``publish=False`` returns a :class:`StagingArea` (days
+    still in the temporary folder, e.g. while their exports are prepared there) instead of moving
+    the days into place.
     """
     days = sorted(days)
     if not days:
@@ -330,6 +488,7 @@ def stage_days(
     tmp_root.mkdir(parents=True, exist_ok=True)
     # Staged files keep polars' large_string (no cast per batch); read back they are the same frame.
     writers = _BucketWriters(tmp_root, _large_strings(schema))
+    sealer = _Sealer(writers, tmp_root, watch, rows_per_group) if watch is not None else None
     received: Counter = Counter()
     by_type: dict[str, Counter] = {d: Counter() for d in wanted}
     outside = 0
@@ -360,8 +519,9 @@ def stage_days(
         outside += n_before - frame.height
         if not frame.height:
             return
-        bad_types = frame.filter(~known)
-        if bad_types.height:
+        oldest = frame.get_column("inserted_at").min() if sealer is not None else None
+        bad_types = frame.filter(~known) if frame.select((~known).any()).item() else None
+        if bad_types is not None:
             for day_value, bad in bad_types.group_by(pl.col("inserted_at").dt.date().alias("_d"), maintain_order=True):
                 key = day_value[0].isoformat()
                 sample = bad.get_column("event_type").unique(maintain_order=True).head(5).to_list()
@@ -384,6 +544,8 @@ def stage_days(
             received[key] += part.height
             by_type[key][event_type] += part.height
             writers.write(day, event_type, hour, part.drop("_day", "_hour").to_arrow())
+        if sealer is not None:
+            sealer.staged(oldest)
         pause_point("extracting", scope=sync_job)  # fault-injection suite only: a no-op otherwise
 
     def normalized_groups(groups: Iterable[list[SourceBatch]]) -> Iterator[tuple[pl.DataFrame, NormalizeReport, str]]:
@@ -412,6 +574,8 @@ def stage_days(
         for frame, report, where in frames:
             stage(frame, report, where)
         writers.close()
+        if sealer is not None:
+            sealer.finish()
     except BaseException as exc:
         frames.close()  # stops the normalising thread, then the reading thread, now (not when the
         source_batches.close()  # traceback is freed)
@@ -432,7 +596,7 @@ def stage_days(
             record = StagedDay(
                 sync_job=sync_job,
                 partition=key,
-                path="",
+                path=str(tmp_day),
                 rows_received=received[key],
                 rows_outside_window=outside,
                 rows_by_event_type={et: by_type[key].get(et, 0) for et in EVENT_TYPES},
@@ -444,16 +608,13 @@ def stage_days(
                 error=errors.get(key),
                 batches={et: writers.index[(day, et)] for et in EVENT_TYPES if (day, et) in writers.index},
             )
-            (tmp_day / STAGED_RECORD).write_text(record.to_json())
-            final = partition_dir(root, sync_job, key)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp_day.rename(final)
-            record.path = str(final)
+            (tmp_day / STAGED_RECORD).write_text(replace(record, path="").to_json())
             staged[key] = record
-    finally:
+    except BaseException:
         shutil.rmtree(tmp_root, ignore_errors=True)
-    return staged
+        raise
+    area = StagingArea(root=root, sync_job=sync_job, tmp_root=tmp_root, days=staged)
+    return area.publish() if publish else area
 
 
 def remove_staged(root: Path, sync_job: str, partition: str) -> bool:

@@ -66,11 +66,10 @@ from userpilot_sync.partitions import check_in_window, consecutive_days, parse_p
 from userpilot_sync.pipeline import (
     day_counts,
     day_source_facts,
-    extract_and_stage,
     manifest_for,
-    prepare_days,
     rebuild_snapshot_state,
     replacing_manifest_for,
+    stage_and_prepare,
 )
 
 SOURCE_LABELS = {"demo": "the demo generator", "files": "local export files", "export_api": "the Bulk Data Export API"}
@@ -289,12 +288,20 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
                    ledger: Ledger, plan: _Plan) -> Iterator:
     job = keys.job
     days = plan.days
-    staged = extract_and_stage(job, [parse_partition(pk) for pk in days], staging.path, source=source.event_source())
+    # extract and stage the range; every event type of every day is prepared (up to one thread per
+    # core) while the source is still read, hours once the source moved past them; a day fails as a whole
+    both = stage_and_prepare(job, [parse_partition(pk) for pk in days], staging.path, source=source.event_source())
+    staged = both.staged
     pause_point("staged")
+    context.log.info(f"sync job {job.name!r}, {_label(days)}: staged in {both.staging_s:.1f} s; "
+                     f"{both.early_groups} group(s) of hours prepared while staging ran, the rest in "
+                     f"{both.after_staging_s:.1f} s after")
+    if both.redone:
+        context.log.info(f"sync job {job.name!r}: the source delivered rows into hours already prepared; prepared "
+                         f"again after staging: {', '.join(both.redone[:20])}{' ...' if len(both.redone) > 20 else ''}")
     prepared: dict[str, dict] = {}
     failed: dict[str, str] = {}
-    # every event type of every day, up to one thread per core; a day fails as a whole
-    for pk, result in prepare_days(job, [staged[pk] for pk in days]).items():
+    for pk, result in both.prepared.items():
         try:
             if isinstance(result, ValidationError):
                 raise result
