@@ -348,8 +348,13 @@ class _TreeSampler(threading.Thread):
             self.stop_event.wait(self.interval)
 
 
-def bench_backfill(days: int, events_per_day: int, days_per_run: int | None, keep: bool = False) -> dict:
-    """An asset backfill of ``days`` days ending yesterday through ``dagster dev``, timed to completion."""
+def bench_backfill(days: int, events_per_day: int, days_per_run: int | None, keep: bool = False,
+                   documented: bool = False) -> dict:
+    """An asset backfill of ``days`` days ending yesterday through ``dagster dev``, timed to completion.
+
+    ``documented`` False (record ``backfill_365``): the seven event-type exports and the manifest
+    (``userpilot_files: []``); True (record ``backfill_365_documented``): also Userpilot's documented
+    files the sync job writes by default (user and company snapshots, feature-tag files)."""
     root = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     home, jobs, exports = root / "dagster_home", root / "sync_jobs", root / "exports"
     for d in (home, jobs, exports):
@@ -363,7 +368,8 @@ def bench_backfill(days: int, events_per_day: int, days_per_run: int | None, kee
         f"source: {{kind: demo, events_per_day: {events_per_day}, seed: {SEED}}}\n"
         f"destination: {{kind: local, path: {json.dumps(str(exports))}, prefix: userpilot_events}}\n"
         "formats: [{format: parquet, compression: zstd}]\n"
-        f"{per_run}schedules_running: false\nbackfill_days: 0\n"
+        + ("" if documented else "userpilot_files: []\n")
+        + f"{per_run}schedules_running: false\nbackfill_days: 0\n"
     )
     port = _free_port()
     env = dict(_env(), DAGSTER_HOME=str(home), USERPILOT_SYNC_JOBS_DIR=str(jobs),
@@ -375,7 +381,7 @@ def bench_backfill(days: int, events_per_day: int, days_per_run: int | None, kee
     )
     url = f"http://127.0.0.1:{port}/graphql"
     sampler = _TreeSampler(proc.pid)
-    print(f"  backfill  {days} days x {events_per_day:,} events (dagster dev on 127.0.0.1:{port}) ...", end="", flush=True)
+    print(f"  backfill  {days} days x {events_per_day:,} events{', documented files on' if documented else ''} (dagster dev on 127.0.0.1:{port}) ...", end="", flush=True)
     try:
         deadline = time.monotonic() + 240
         location = None
@@ -439,7 +445,8 @@ def bench_backfill(days: int, events_per_day: int, days_per_run: int | None, kee
         exported = sum(sum(rows_by_event_type(json.loads(m.read_text())).values()) for m in manifests)
         run_walls = [r["endTime"] - r["startTime"] for r in runs if r["endTime"] and r["startTime"]]
         rec = _record(
-            "backfill_365", exported, wall, max(sampler.run_hwm_kb.values(), default=0), 0,
+            "backfill_365_documented" if documented else "backfill_365", exported, wall,
+            max(sampler.run_hwm_kb.values(), default=0), 0,
             days=days, events_per_day=events_per_day, backfill_status=status,
             backfill_days_per_run=days_per_run or 31, runs=len(runs),
             runs_succeeded=sum(r["status"] == "SUCCESS" for r in runs), manifests=len(manifests),
@@ -615,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     only_given = args.only is not None
     only = {n for n in (args.only or "exporter,naive,floor,dlt,backfill_365,snapshot_1m").split(",") if n}
-    unknown = only - {*EXPORT_CONTENDERS, "backfill_365", "snapshot_1m", "snapshot_1m_replay"}
+    unknown = only - {*EXPORT_CONTENDERS, "backfill_365", "backfill_365_documented", "snapshot_1m", "snapshot_1m_replay"}
     if unknown:
         parser.error(f"unknown --only names: {', '.join(sorted(unknown))}")
     skipped = []
@@ -647,9 +654,10 @@ def main(argv: list[str] | None = None) -> int:
                     records.append(bench_export(name, n, server, profile_dir))
         finally:
             server.close()
-    if "backfill_365" in only and args.backfill_days > 0:
-        records.append(bench_backfill(args.backfill_days, args.backfill_events, args.backfill_days_per_run,
-                                      keep=args.keep_backfill))
+    for name in ("backfill_365", "backfill_365_documented"):
+        if name in only and args.backfill_days > 0:
+            records.append(bench_backfill(args.backfill_days, args.backfill_events, args.backfill_days_per_run,
+                                          keep=args.keep_backfill, documented=name.endswith("_documented")))
     if "snapshot_1m" in only and args.snapshot_users > 0:
         records.append(bench_snapshot(args.snapshot_users))
     if "snapshot_1m_replay" in only and args.snapshot_users > 0:

@@ -8,8 +8,8 @@
   the bucket would see: the day's files, its manifest, hidden temp files, open multipart uploads;
 * :func:`reference_export`: a clean export of the same day, made without Dagster
   (``pipeline.sync_partition``) into a folder of its own — the expected bytes and event ids;
-* :class:`DagsterDev`: ``dagster dev`` (webserver + daemon) on a test ``DAGSTER_HOME`` with short
-  intervals, driven over GraphQL.
+* :class:`DagsterDev` (``fixtures_core``, imported here for the suite): ``dagster dev`` (webserver +
+  daemon) on a test ``DAGSTER_HOME`` with short intervals, driven over GraphQL.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +37,7 @@ from userpilot_sync.destination.layout import layout_for
 from userpilot_sync.destination.manifest import READABLE_STATUSES
 from userpilot_sync.faults import PAUSE_AT_ENV, PAUSE_DIR_ENV, POINTS
 from userpilot_sync.procs import process_alive
-from userpilot_sync_tests.fixtures_storage import free_port, listens_on
+from userpilot_sync_tests.fixtures_core import DagsterDev  # noqa: F401 (the fault suite's import)
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = "_manifest.json"
@@ -408,137 +408,3 @@ def figures_table(report: dict, path: Path) -> list[str]:
             f"{len(r['leftovers_after'])}")
     lines.append(f"module wall time: {report.get('suite_wall_time_s', 0):.1f} s")
     return lines
-
-
-# ------------------------------------------------------------------------------------ dagster dev
-@dataclass
-class DagsterDev:
-    """``dagster dev`` (webserver, daemon, code server) on ``home``, driven over GraphQL."""
-
-    root: Path
-    env: dict
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-    location: str | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/graphql"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "dagster_dev.log"
-
-    def start(self) -> "DagsterDev":
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(self.port),
-             "-w", "workspace.yaml"],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        return self
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return "--- tail of the dagster dev log ---\n" + self.log_path.read_text(errors="replace")[-chars:]
-        except OSError as exc:  # pragma: no cover - diagnostics only
-            return f"(no dagster dev log: {exc})"
-
-    def gql(self, query: str, variables: dict | None = None) -> dict:
-        import httpx
-
-        response = httpx.post(self.url, json={"query": query, "variables": variables or {}}, timeout=60)
-        response.raise_for_status()
-        body = response.json()
-        assert "errors" not in body, body
-        return body["data"]
-
-    def wait(self, what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
-        deadline = time.monotonic() + timeout
-        last = None
-        while True:
-            last = probe()
-            if last:
-                return last
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not within {timeout:.0f} s (last seen: {last!r})\n{self.log_tail()}")
-            time.sleep(interval)
-
-    def check_alive(self) -> None:
-        """Raise AssertionError when the webserver's process has exited."""
-        if self.proc.poll() is not None:
-            raise AssertionError(f"dagster dev exited ({self.proc.returncode})\n{self.log_tail()}")
-
-    def check_port(self) -> None:
-        """The webserver that answered is this dagster dev's, not one that took the port first."""
-        assert listens_on(self.proc.pid, self.port), f"port {self.port} is another process's\n{self.log_tail()}"
-
-    def wait_loaded(self, timeout: float = 180) -> None:
-        import httpx
-
-        def loaded():
-            self.check_alive()
-            try:
-                data = self.gql("{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
-                                "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
-            except (httpx.HTTPError, AssertionError, KeyError, ValueError):
-                return None
-            entries = data["workspaceOrError"]["locationEntries"]
-            return entries[0] if entries and entries[0]["loadStatus"] == "LOADED" else None
-
-        if self.location is None:
-            entry = self.wait("the code location loading", loaded, timeout)
-            self.check_port()
-            assert entry["locationOrLoadError"]["__typename"] == "RepositoryLocation", entry
-            self.location = entry["name"]
-
-    def partition_keys(self, job_name: str) -> list[str]:
-        dims = self.gql("""query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { __typename
-            ... on AssetNode { partitionKeysByDimension { partitionKeys } } } }""",
-                        {"key": {"path": [job_name, "raw_events"]}})["assetNodeOrError"]["partitionKeysByDimension"]
-        return dims[0]["partitionKeys"] if dims else []
-
-    def launch(self, job_name: str, pk: str) -> str:
-        """Launch ``<job>_sync`` for day ``pk`` (queued; the daemon starts it). Returns the run id."""
-        selector = {"repositoryLocationName": self.location, "repositoryName": "__repository__",
-                    "jobName": f"{job_name}_sync"}
-        launched = self.gql(
-            """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
-                 __typename ... on LaunchRunSuccess { run { runId } } ... on Error { message } } }""",
-            {"p": {"selector": selector,
-                   "executionMetadata": {"tags": [{"key": "dagster/partition", "value": pk}]}}})["launchRun"]
-        assert launched["__typename"] == "LaunchRunSuccess", launched
-        return launched["run"]["runId"]
-
-    def status(self, run_id: str) -> str:
-        return self.gql("query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }",
-                        {"id": run_id})["runOrError"]["status"]
-
-    def messages(self, run_id: str) -> list[str]:
-        data = self.gql("""query($id: ID!) { logsForRun(runId: $id) { __typename
-            ... on EventConnection { events { __typename ... on MessageEvent { message level } } } } }""",
-                        {"id": run_id})["logsForRun"]
-        return [e["message"] for e in data.get("events") or [] if e.get("message")]
-
-    def sensor_ticks(self, sensor: str, limit: int = 10) -> list[dict]:
-        """The newest ticks of ``sensor``: ``{"timestamp": epoch s, "skipReason": ...}``."""
-        selector = {"repositoryLocationName": self.location, "repositoryName": "__repository__", "sensorName": sensor}
-        data = self.gql("""query($s: SensorSelector!, $n: Int) { sensorOrError(sensorSelector: $s) { __typename
-            ... on Sensor { sensorState { ticks(limit: $n) { timestamp status skipReason } } } } }""",
-                        {"s": selector, "n": limit})["sensorOrError"]
-        return data["sensorState"]["ticks"] if data.get("sensorState") else []
-
-    def wait_finished(self, run_id: str, timeout: float) -> str:
-        return self.wait(f"run {run_id} finishing",
-                         lambda: (s if (s := self.status(run_id)) in ("SUCCESS", "FAILURE", "CANCELED") else None),
-                         timeout)

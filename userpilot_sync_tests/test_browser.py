@@ -22,27 +22,21 @@ launches no run of its own while the module runs.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import last_complete_days
-from userpilot_sync_tests.test_ui import _free_port, _gql, _log_tail, _partition_keys, _wait
+from userpilot_sync_tests.fixtures_core import dagster_dev, demo_yaml, project_environment
+from userpilot_sync_tests.test_ui import _gql, _partition_keys, _wait
 
 pytestmark = pytest.mark.browser
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "browser"
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium package (never a Playwright download)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -98,60 +92,22 @@ def dev(tmp_path_factory):
     """``dagster dev`` on a free loopback port: the demo sync job and the ``broken`` one, each writing
     to a local folder in a temporary root; the partitions window added by the daemon's sensor."""
     root = tmp_path_factory.mktemp("browser")
-    home = root / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-    jobs = root / "sync_jobs"
-    jobs.mkdir()
     exports = root / "exports"
-    demo = (REPO / "sync_jobs" / "demo.yaml").read_text().replace("path: exports", f"path: {exports}")
-    (jobs / "demo.yaml").write_text(demo)
     bad = root / "bad_source"
     bad.mkdir()
     row = {"app_token": "NX-broken01", "event_type": "track", "event_name": "clicked", "user_id": "u1",
            "hostname": "app.example", "inserted_at": f"{FAIL_DAY}T10:00:00Z"}
     (bad / f"{FAIL_DAY}.ndjson").write_bytes(json.dumps(row).encode().replace(b"clicked", b"caf\xe9") + b"\n")
-    (jobs / "broken.yaml").write_text(BROKEN_JOB.format(source=bad, exports=exports))
-
-    port = _free_port()
-    env = dict(os.environ, DAGSTER_HOME=str(home), USERPILOT_SYNC_JOBS_DIR=str(jobs),
-               USERPILOT_SYNC_STAGING_DIR=str(root / "staging"))
-    log = open(root / "dagster_dev.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    info = {"base": f"http://127.0.0.1:{port}", "url": f"http://127.0.0.1:{port}/graphql", "root": root,
-            "exports": exports, "location": None}
-
-    def loaded():
-        if proc.poll() is not None:
-            raise RuntimeError(f"dagster dev exited ({proc.returncode}):\n{_log_tail(info)}")
-        try:
-            data = _gql(info["url"], "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
-                                     "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
-        except (httpx.HTTPError, KeyError, AssertionError):
-            return None
-        entries = data["workspaceOrError"]["locationEntries"]
-        return entries[0] if entries and entries[0]["loadStatus"] == "LOADED" else None
-
-    try:
-        entry = _wait(info, "the code location loading", loaded, timeout=180)
-        assert entry["locationOrLoadError"]["__typename"] == "RepositoryLocation", entry
-        info["location"] = entry["name"]
+    env = project_environment(root, {"demo.yaml": demo_yaml(exports),
+                                     "broken.yaml": BROKEN_JOB.format(source=bad, exports=exports)})
+    with dagster_dev(root, env) as server:
+        info = {"base": f"http://127.0.0.1:{server.port}", "url": server.url, "root": root, "exports": exports,
+                "location": server.location}
         # the "Join the Dagster community" dialog the UI opens on loopback (what its Skip button records)
         _gql(info["url"], "mutation { setNuxSeen }")
         _wait(info, "the partition-window sensor adding the 365 days of the window",
               lambda: len(_partition_keys(info)) == 365, timeout=150)
         yield info
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture(scope="module")

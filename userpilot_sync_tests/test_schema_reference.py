@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def test_render_is_deterministic_and_portable(fresh):
     assert fresh.startswith(reference.BEGIN) and fresh.rstrip("\n").endswith(reference.END)
     repo = str(Path(__file__).resolve().parents[1])
     assert repo not in fresh and str(Path.home()) not in fresh and "/tmp" not in fresh
+    assert tempfile.gettempdir() not in fresh  # the suite's temporary folders may live elsewhere (conftest.py)
     today = datetime.now(timezone.utc).date().isoformat()
     assert today not in fresh
 

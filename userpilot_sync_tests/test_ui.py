@@ -10,12 +10,6 @@ the daemon as one ranged run (``backfill_days_per_run``) with per-day records an
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -26,8 +20,8 @@ import pytest
 
 from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import last_complete_days, utc_today
+from userpilot_sync_tests.fixtures_core import dagster_dev as start_dagster_dev, demo_yaml, project_environment
 
-REPO = Path(__file__).resolve().parents[1]
 REPOSITORY = "__repository__"
 EVENT_TYPES = ("identify_user", "identify_company", "interaction", "track", "track_feature", "page_view",
                "session_start")
@@ -49,12 +43,6 @@ META_FIELDS = """metadataEntries { label __typename
     ... on JsonMetadataEntry { jsonString } }"""
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gql(url: str, query: str, variables: dict | None = None) -> dict:
     response = httpx.post(url, json={"query": query, "variables": variables or {}}, timeout=60)
     response.raise_for_status()
@@ -183,53 +171,9 @@ def _partition_keys(dev: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def dagster_dev(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
-    home = root / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-    jobs = root / "sync_jobs"
-    jobs.mkdir()
-    demo = (REPO / "sync_jobs" / "demo.yaml").read_text().replace("path: exports", f"path: {root / 'exports'}")
-    (jobs / "demo.yaml").write_text(demo)
-    port = _free_port()
-    env = dict(
-        os.environ,
-        DAGSTER_HOME=str(home),
-        USERPILOT_SYNC_JOBS_DIR=str(jobs),
-        USERPILOT_SYNC_STAGING_DIR=str(root / "staging"),
-    )
-    log = open(root / "dagster_dev.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    dev = {"url": f"http://127.0.0.1:{port}/graphql", "root": root, "home": home, "location": None}
-
-    def loaded():
-        if proc.poll() is not None:
-            raise RuntimeError(f"dagster dev exited ({proc.returncode}):\n{_log_tail(dev)}")
-        try:
-            data = _gql(dev["url"], "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
-                                    "locationOrLoadError { __typename ... on PythonError { message } } } } } }")
-        except (httpx.HTTPError, KeyError, AssertionError):
-            return None
-        entries = data["workspaceOrError"]["locationEntries"]
-        if entries and entries[0]["loadStatus"] == "LOADED":
-            return entries[0]
-        return None
-
-    try:
-        entry = _wait(dev, "the code location loading", loaded, timeout=150)
-        assert entry["locationOrLoadError"]["__typename"] == "RepositoryLocation", entry
-        dev["location"] = entry["name"]
-        yield dev
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+    env = project_environment(root, {"demo.yaml": demo_yaml(root / "exports")})
+    with start_dagster_dev(root, env, load_timeout=150) as dev:
+        yield {"url": dev.url, "root": root, "home": Path(env["DAGSTER_HOME"]), "location": dev.location}
 
 
 @pytest.fixture(scope="module")

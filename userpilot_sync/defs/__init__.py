@@ -12,3 +12,9 @@ import dagster as _dg
 # Dagster and tests them, so the warning is noise for users of the UI and the CLI.
 warnings.filterwarnings("ignore", category=_dg.BetaWarning)
 warnings.filterwarnings("ignore", category=_dg.PreviewWarning)
+
+# A run waiting for its app token's pool slot sleeps between polls instead of spinning a core
+# (Dagster 1.13 busy-waits there; see userpilot_sync/defs/pool_wait.py).
+from userpilot_sync.defs import pool_wait as _pool_wait  # noqa: E402
+
+_pool_wait.apply()

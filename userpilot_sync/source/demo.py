@@ -29,6 +29,8 @@ from userpilot_sync.schema.internal_event_id import internal_event_ids
 from userpilot_sync.source.base import Extraction, ExtractRequest, SourceBatch
 
 BLOCKS_PER_DAY = 96  # 15-minute blocks
+#: Rows of one table of :meth:`DemoSource.iter_blocks` (consecutive blocks share a table up to this).
+BATCH_ROWS = 65_536
 _DAY_US = 86_400 * 1_000_000
 _BLOCK_US = _DAY_US // BLOCKS_PER_DAY
 
@@ -109,6 +111,11 @@ class DemoSource:
 
     def block_events(self, day: date, block: int) -> pa.Table:
         """The events of one 15-minute block of ``day`` (Event Schema columns, sorted by time)."""
+        return self._frame([self._block_columns(day, block)]).to_arrow()
+
+    def _block_columns(self, day: date, block: int) -> dict:
+        """One block's columns as Python lists (``types``: numpy strings, ``ts_us``: numpy int64
+        microseconds since the epoch, UTC); :meth:`_frame` turns blocks into one frame."""
         n = self._block_size(block)
         rng = self._rng(day, block)
         day_start_us = int(datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()) * 1_000_000
@@ -197,10 +204,21 @@ class DemoSource:
                 for c in ("hostname", "pathname", "screen_width", "screen_height", "device_type", "user_agent",
                           "operating_system", "browser", "browser_language", "session", "country_code"):
                     rows[c].append(None)
+        rows["types"] = types.tolist()
+        rows["ts_us"] = ts_us
+        return rows
+
+    def _frame(self, blocks: list[dict]) -> pl.DataFrame:
+        """The events of consecutive ``blocks`` (from :meth:`_block_columns`) as one frame, in
+        order, with their ``internal_event_id``; the same rows as one frame per block, built with
+        one polars call per column instead of one per column and block."""
+        rows = {c: [v for b in blocks for v in b[c]] for c in blocks[0] if c != "ts_us"}
+        ts_us = np.concatenate([b["ts_us"] for b in blocks])
+        n = len(rows["types"])
         frame = pl.DataFrame(
             {
                 "app_token": pl.Series([self.app_token] * n, dtype=pl.Utf8),
-                "event_type": pl.Series(types.tolist(), dtype=pl.Utf8),
+                "event_type": pl.Series(rows["types"], dtype=pl.Utf8),
                 "event_name": pl.Series(rows["event_name"], dtype=pl.Utf8),
                 "user_id": pl.Series(rows["user_id"], dtype=pl.Utf8),
                 "company_id": pl.Series(rows["company_id"], dtype=pl.Utf8),
@@ -221,30 +239,48 @@ class DemoSource:
                 "metadata": pl.Series(rows["metadata"], dtype=pl.Utf8),
             }
         )
-        frame = frame.with_columns(internal_event_ids(frame))
-        return frame.to_arrow()
+        return frame.with_columns(internal_event_ids(frame))
 
-    def iter_blocks(self, start: datetime, end: datetime, event_types: tuple[str, ...] = EVENT_TYPES) -> Iterator[pa.Table]:
-        """Tables of every block overlapping [start, end), rows filtered to the window and types."""
+    def iter_blocks(self, start: datetime, end: datetime, event_types: tuple[str, ...] = EVENT_TYPES,
+                    batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+        """Tables of the blocks overlapping [start, end), rows filtered to the window and types.
+
+        Consecutive blocks of one day share a table up to ``batch_rows`` rows (a block is never
+        split), so a small day is one table and a large one tables of about ``batch_rows`` rows:
+        the same rows in the same order whatever the grouping."""
         wanted = set(event_types)
+        keep = None if wanted >= set(EVENT_TYPES) else pl.col("event_type").is_in(sorted(wanted))
+        in_window = (pl.col("inserted_at") >= start) & (pl.col("inserted_at") < end)
         day = start.astimezone(timezone.utc).date()
         while datetime(day.year, day.month, day.day, tzinfo=timezone.utc) < end:
             day_start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
-            for block in range(BLOCKS_PER_DAY):
+            group: list[dict] = []
+            rows = 0
+            inside = True  # every block of the group lies inside [start, end)
+            for block in range(BLOCKS_PER_DAY + 1):
+                size = self._block_size(block) if block < BLOCKS_PER_DAY else 0
+                if group and (block == BLOCKS_PER_DAY or rows + size > batch_rows):
+                    table = self._window(self._frame(group), None if inside else in_window, keep)
+                    if table is not None:
+                        yield table
+                    group, rows, inside = [], 0, True
+                if block == BLOCKS_PER_DAY:
+                    break
                 b_start = day_start + timedelta(microseconds=block * _BLOCK_US)
                 b_end = b_start + timedelta(microseconds=_BLOCK_US)
-                if b_end <= start or b_start >= end or self._block_size(block) == 0:
+                if b_end <= start or b_start >= end or size == 0:
                     continue
-                table = self.block_events(day, block)
-                frame = pl.from_arrow(table)
-                frame = frame.filter(
-                    pl.col("event_type").is_in(list(wanted))
-                    & (pl.col("inserted_at") >= start)
-                    & (pl.col("inserted_at") < end)
-                )
-                if frame.height:
-                    yield frame.to_arrow()
+                group.append(self._block_columns(day, block))
+                rows += size
+                inside = inside and start <= b_start and b_end <= end
             day += timedelta(days=1)
+
+    @staticmethod
+    def _window(frame: pl.DataFrame, in_window: pl.Expr | None, keep: pl.Expr | None) -> pa.Table | None:
+        predicates = [p for p in (keep, in_window) if p is not None]
+        if predicates:
+            frame = frame.filter(*predicates)
+        return frame.to_arrow() if frame.height else None
 
     def expected_counts(self, day: date) -> Counter:
         """Events per event type the generator produces for ``day`` (for tests and docs)."""
@@ -260,6 +296,6 @@ class DemoSource:
 
         def batches() -> Iterator[SourceBatch]:
             for i, table in enumerate(self.iter_blocks(request.start, request.end, request.event_types)):
-                yield SourceBatch(where=f"demo block {i}", data=table)
+                yield SourceBatch(where=f"demo batch {i}", data=table)
 
         return Extraction(batches=batches(), facts=facts)
