@@ -2,7 +2,7 @@
 
     python -m benchmarks.run [--sizes 1000000,5000000,10000000] [--backfill-days 365]
                              [--backfill-events 20000] [--snapshot-users 1000000]
-                             [--only exporter,naive,floor,dlt,backfill_365,snapshot_1m[,snapshot_1m_replay]]
+                             [--only exporter,naive,floor,dlt,backfill_365,snapshot_1m[,snapshot_1m_replay,backfill_365_documented]]
                              [--quick] [--baseline] [--profile]
 
 One process tree, on the same generated source data:
@@ -22,7 +22,9 @@ One process tree, on the same generated source data:
 * ``backfill_365``: ``dagster dev`` (webserver + daemon) on a free loopback port with a
   temporary DAGSTER_HOME (deploy/dagster.yaml); an asset backfill of the demo sync job's
   365 days ending yesterday is launched over GraphQL (``launchPartitionBackfill``), timed until
-  the backfill completes; peak RSS of the run processes is sampled (VmHWM) with psutil.
+  the backfill completes; peak RSS of the run processes is sampled (VmHWM) with psutil. The
+  sync job writes the seven event-type exports and the manifest (``userpilot_files: []``);
+  ``backfill_365_documented`` (only with ``--only``) adds the documented files it writes by default.
 * ``snapshot_1m``: the ``all_users``/``all_companies`` snapshot work of one day for an app with
   ``--snapshot-users`` identified users (default 1,000,000), in a child process (peak RSS from
   ``os.wait4``): load the newest state, the day's deltas, merge, record the day in the state
@@ -598,8 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="identified users of the snapshot benchmarks (snapshot_1m, snapshot_1m_replay)")
     parser.add_argument("--only", default=None,
                         help="comma-separated subset of exporter,naive,floor,dlt,backfill_365,snapshot_1m,"
-                             "snapshot_1m_replay; default: all but snapshot_1m_replay (it replays 29 days of "
-                             f"deltas), and at sizes of {LARGE_DAY:,} events or more only "
+                             "snapshot_1m_replay,backfill_365_documented; default: all but snapshot_1m_replay "
+                             f"(it replays 29 days of deltas) and backfill_365_documented, and at sizes of {LARGE_DAY:,} events or more only "
                              f"{' and '.join(LARGE_DAY_CONTENDERS)} (naive would need ~7 GB). Given "
                              "explicitly, its contenders run at every size. dlt runs in .venv-dlt/ "
                              "(make bench-dlt-env) and is skipped when that is missing")

@@ -19,6 +19,7 @@ import pytest
 
 from userpilot_sync import export as export_module
 from userpilot_sync import staging as staging_module
+from userpilot_sync.source import demo as demo_module
 from userpilot_sync.errors import SourceError, ValidationError
 from userpilot_sync.faults import PAUSE_AT_ENV, PAUSE_DIR_ENV
 from userpilot_sync.pipeline import EARLY_PREPARE_ENV, early_prepare_enabled, stage_and_prepare, sync_partition
@@ -34,10 +35,12 @@ FORMATS = [{"format": "parquet"}, {"format": "csv"}]
 
 @pytest.fixture(autouse=True)
 def small_groups(monkeypatch):
-    """Groups of 150 staged rows and source groups of ~100 rows: a 3,000-event demo day is prepared
-    in many groups, most of them while the source is still read."""
+    """Groups of 150 staged rows and source groups of ~100 rows, the demo source one batch per
+    15-minute block: a 3,000-event demo day is prepared in many groups, most of them while the
+    source is still read."""
     monkeypatch.setattr(export_module, "VALIDATION_ROWS", 150)
     monkeypatch.setattr(staging_module, "COALESCE_ROWS", 100)
+    monkeypatch.setattr(demo_module, "BATCH_ROWS", 1)
 
 
 class Rearranged:
@@ -184,9 +187,11 @@ import sys
 from pathlib import Path
 from userpilot_sync import export, staging
 from userpilot_sync.pipeline import sync_partition
+from userpilot_sync.source import demo
 from userpilot_sync_tests.fixtures_core import NOW, PARTITION, make_job
 export.VALIDATION_ROWS = 150
 staging.COALESCE_ROWS = 100
+demo.BATCH_ROWS = 1
 root = Path(sys.argv[1])
 sync_partition(make_job(root, formats={formats!r}), PARTITION, root / "staging", now=NOW)
 """

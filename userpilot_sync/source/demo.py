@@ -242,12 +242,14 @@ class DemoSource:
         return frame.with_columns(internal_event_ids(frame))
 
     def iter_blocks(self, start: datetime, end: datetime, event_types: tuple[str, ...] = EVENT_TYPES,
-                    batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+                    batch_rows: int | None = None) -> Iterator[pa.Table]:
         """Tables of the blocks overlapping [start, end), rows filtered to the window and types.
 
-        Consecutive blocks of one day share a table up to ``batch_rows`` rows (a block is never
-        split), so a small day is one table and a large one tables of about ``batch_rows`` rows:
-        the same rows in the same order whatever the grouping."""
+        Consecutive blocks of one day share a table up to ``batch_rows`` rows (default
+        :data:`BATCH_ROWS`; a block is never split, 1 gives a table per block), so a small day is
+        one table and a large one tables of about ``batch_rows`` rows: the same rows in the same
+        order whatever the grouping."""
+        batch_rows = batch_rows or BATCH_ROWS
         wanted = set(event_types)
         keep = None if wanted >= set(EVENT_TYPES) else pl.col("event_type").is_in(sorted(wanted))
         in_window = (pl.col("inserted_at") >= start) & (pl.col("inserted_at") < end)
