@@ -143,6 +143,17 @@ def lock_holder(path: Path, seconds: int = 120):
 
 
 # ---------------------------------------------------------------------------------------------- dagster dev
+def graphql(url: str, query: str, variables: dict | None = None) -> dict:
+    """The ``data`` of one GraphQL request to the webserver at ``url``; fails on any GraphQL error."""
+    import httpx
+
+    response = httpx.post(url, json={"query": query, "variables": variables or {}}, timeout=60)
+    response.raise_for_status()
+    body = response.json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
 @dataclass
 class DagsterDev:
     """``dagster dev`` (webserver, daemon, code server) on ``home``, driven over GraphQL."""
@@ -194,13 +205,7 @@ class DagsterDev:
             return f"(no dagster dev log: {exc})"
 
     def gql(self, query: str, variables: dict | None = None) -> dict:
-        import httpx
-
-        response = httpx.post(self.url, json={"query": query, "variables": variables or {}}, timeout=60)
-        response.raise_for_status()
-        body = response.json()
-        assert "errors" not in body, body
-        return body["data"]
+        return graphql(self.url, query, variables)
 
     def wait(self, what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
         deadline = time.monotonic() + timeout

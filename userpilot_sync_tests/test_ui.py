@@ -15,12 +15,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-import httpx
 import pytest
 
 from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.partitions import last_complete_days, utc_today
 from userpilot_sync_tests.fixtures_core import dagster_dev as start_dagster_dev, demo_yaml, project_environment
+from userpilot_sync_tests.fixtures_core import graphql as _gql
 
 REPOSITORY = "__repository__"
 EVENT_TYPES = ("identify_user", "identify_company", "interaction", "track", "track_feature", "page_view",
@@ -43,33 +43,13 @@ META_FIELDS = """metadataEntries { label __typename
     ... on JsonMetadataEntry { jsonString } }"""
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _gql(url: str, query: str, variables: dict | None = None) -> dict:
-    response = httpx.post(url, json={"query": query, "variables": variables or {}}, timeout=60)
-    response.raise_for_status()
-    body = response.json()
-    assert "errors" not in body, body
-    return body["data"]
-
-
-def _log_tail(dev: dict, chars: int = 5000) -> str:
-    try:
-        return (dev["root"] / "dagster_dev.log").read_text(errors="replace")[-chars:]
-    except OSError as exc:  # pragma: no cover - diagnostics only
-        return f"(no dagster dev log: {exc})"
+def _log_tail(dev: dict) -> str:
+    return dev["dev"].log_tail(5000)
 
 
 def _wait(dev: dict, what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
     """Poll ``probe`` until it returns a truthy value; on timeout fail with the dagster dev log's tail."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = probe()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s (last seen: {last!r})\n"
-                                 f"--- tail of the dagster dev log ---\n{_log_tail(dev)}")
-        time.sleep(interval)
+    return dev["dev"].wait(what, probe, timeout, interval)
 
 
 def _metadata(entries: list[dict]) -> dict[str, Any]:
@@ -173,7 +153,7 @@ def dagster_dev(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     env = project_environment(root, {"demo.yaml": demo_yaml(root / "exports")})
     with start_dagster_dev(root, env, load_timeout=150) as dev:
-        yield {"url": dev.url, "root": root, "home": Path(env["DAGSTER_HOME"]), "location": dev.location}
+        yield {"url": dev.url, "root": root, "home": Path(env["DAGSTER_HOME"]), "location": dev.location, "dev": dev}
 
 
 @pytest.fixture(scope="module")

@@ -256,25 +256,23 @@ class DemoSource:
         day = start.astimezone(timezone.utc).date()
         while datetime(day.year, day.month, day.day, tzinfo=timezone.utc) < end:
             day_start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
-            group: list[dict] = []
-            rows = 0
-            inside = True  # every block of the group lies inside [start, end)
-            for block in range(BLOCKS_PER_DAY + 1):
-                size = self._block_size(block) if block < BLOCKS_PER_DAY else 0
-                if group and (block == BLOCKS_PER_DAY or rows + size > batch_rows):
-                    table = self._window(self._frame(group), None if inside else in_window, keep)
-                    if table is not None:
-                        yield table
-                    group, rows, inside = [], 0, True
-                if block == BLOCKS_PER_DAY:
-                    break
+            blocks = []  # (block, whole block inside [start, end)) of the blocks the window touches
+            for block in range(BLOCKS_PER_DAY):
                 b_start = day_start + timedelta(microseconds=block * _BLOCK_US)
                 b_end = b_start + timedelta(microseconds=_BLOCK_US)
-                if b_end <= start or b_start >= end or size == 0:
-                    continue
-                group.append(self._block_columns(day, block))
-                rows += size
-                inside = inside and start <= b_start and b_end <= end
+                if b_end > start and b_start < end and self._block_size(block):
+                    blocks.append((block, start <= b_start and b_end <= end))
+            group: list[tuple[int, bool]] = []
+            for i, (block, inside) in enumerate(blocks):
+                group.append((block, inside))
+                rows = sum(self._block_size(b) for b, _ in group)
+                following = self._block_size(blocks[i + 1][0]) if i + 1 < len(blocks) else None
+                if following is None or rows + following > batch_rows:
+                    frame = self._frame([self._block_columns(day, b) for b, _ in group])
+                    table = self._window(frame, None if all(ok for _, ok in group) else in_window, keep)
+                    if table is not None:
+                        yield table
+                    group = []
             day += timedelta(days=1)
 
     @staticmethod
