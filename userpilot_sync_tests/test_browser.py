@@ -102,7 +102,7 @@ def dev(tmp_path_factory):
                                      "broken.yaml": BROKEN_JOB.format(source=bad, exports=exports)})
     with dagster_dev(root, env) as server:
         info = {"base": f"http://127.0.0.1:{server.port}", "url": server.url, "root": root, "exports": exports,
-                "location": server.location}
+                "location": server.location, "dev": server}
         # the "Join the Dagster community" dialog the UI opens on loopback (what its Skip button records)
         _gql(info["url"], "mutation { setNuxSeen }")
         _wait(info, "the partition-window sensor adding the 365 days of the window",
