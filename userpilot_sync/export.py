@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -199,7 +200,7 @@ class _StagedHours:
     def read(self, hours: list[tuple[int, list[tuple[int, int, int]]]]) -> pl.DataFrame:
         """The rows of ``hours`` (in hour order, each hour in staged order) with an ``_hour`` column."""
         batches: list[pa.RecordBatch] = []
-        hour_of_row: list[pl.Series] = []
+        hour_rows: list[int] = []
         for hour, refs in hours:
             n = 0
             for number, index, _ in refs:
@@ -214,10 +215,12 @@ class _StagedHours:
                 batch = reader.get_batch(index)
                 batches.append(batch)
                 n += batch.num_rows
-            hour_of_row.append(pl.repeat(hour, n, dtype=pl.Int8, eager=True))
+            hour_rows.append(n)
         frame = pl.from_arrow(pa.Table.from_batches(batches))
         assert isinstance(frame, pl.DataFrame)
-        return frame.with_columns(pl.concat(hour_of_row).alias("_hour"))
+        # one column for the whole group (a polars call per hour cost ~0.3 ms each, 168 per day)
+        hour_of_row = np.repeat(np.array([hour for hour, _ in hours], dtype=np.int8), hour_rows)
+        return frame.with_columns(pl.Series("_hour", hour_of_row, dtype=pl.Int8))
 
 
 def _dedupe_hour(frame: pl.DataFrame, job: SyncJob, partition: str, event_type: str) -> tuple[pl.DataFrame, int]:

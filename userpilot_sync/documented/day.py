@@ -145,7 +145,7 @@ def _activity(job: SyncJob, staged: StagedDay, id_col: str) -> pl.DataFrame:
         frame = frame.filter(predicate)
     return (frame.filter(pl.col(id_col).is_not_null())
             .group_by(id_col).agg(pl.col("inserted_at").max().alias("last_event_at"))
-            .rename({id_col: "id"}).collect())
+            .rename({id_col: "id"}).collect(engine="streaming"))
 
 
 def _identify_frame(prepared: PreparedExport) -> pl.DataFrame:
@@ -272,7 +272,7 @@ def _count_ids(prepared: PreparedExport, ids: set[str]) -> int:
     if not ids or not prepared.files:
         return 0
     return (pl.scan_ipc(prepared.files).filter(pl.col("event_name").is_in(sorted(ids)))
-            .select(pl.len()).collect().item())
+            .select(pl.len()).collect(engine="streaming").item())
 
 
 def rebuild_deltas(job: SyncJob, staged_days: list[StagedDay], store: SnapshotStore, *, run_id: str) -> None:

@@ -203,7 +203,7 @@ def merge_delta(name: str, state: pl.DataFrame, delta: pl.DataFrame, *, keep_uni
     touched = delta.lazy().filter(pl.col("properties").is_not_null()).select(
         id_col, pl.col("properties").alias("properties_new"))
     both = (state.lazy().filter(pl.col("properties").is_not_null()).select(id_col, "properties")
-            .join(touched, on=id_col, how="inner").collect())
+            .join(touched, on=id_col, how="inner").collect(engine="streaming"))
     patch = pl.DataFrame({id_col: both.get_column(id_col),
                           "_merged": [_merge_properties(pair) for pair in both.select("properties", "properties_new").iter_rows()]},
                          schema={id_col: pl.String, "_merged": pl.String})
@@ -221,7 +221,7 @@ def merge_delta(name: str, state: pl.DataFrame, delta: pl.DataFrame, *, keep_uni
     if not keep_unidentified:
         query = query.filter(pl.col("first_identified_at").is_not_null())
     schema = _delta_polars_schema(name)
-    return query.select([pl.col(c).cast(t) for c, t in schema.items()]).sort(id_col).collect()
+    return query.select([pl.col(c).cast(t) for c, t in schema.items()]).sort(id_col).collect(engine="streaming")
 
 
 def snapshot_table(name: str, state: pl.DataFrame, *, with_properties: bool = True) -> pa.Table:
