@@ -10,19 +10,22 @@ each group:
    ``inserted_at`` (a hashed field), hence the same hour: duplicates are looked for per hour;
 4. refuse ids seen twice within an hour with different content (a ValidationError naming samples);
 5. sort stably by (``inserted_at``, ``internal_event_id``) — hours are disjoint ranges of
-   ``inserted_at``, so sorting a run of hours at once orders it exactly as hour by hour;
+   ``inserted_at``, so sorting a run of hours at once orders it exactly as hour by hour; when no
+   row was dropped the sort is a permutation, applied one slice at a time in step 7;
 6. validate with the event type's pandera schema (data level, eager frame, one call per group);
-7. hand the validated rows to one streaming writer per export format
+7. hand the validated rows, cast to the export schema one ``ENCODE_ROWS`` slice at a time, to
+   one streaming writer per export format
    (``destination/formats.py:PartsWriter``), which encodes them to local part files under
    ``<out_dir>/<format>/`` — the only encode: the bytes that upload are the bytes validated here;
    optionally (``keep_rows``) also to ``<out_dir>/<NNNNN>.arrow`` for Userpilot's documented files,
    which read the export's rows again.
 
 When the ids of a group are all distinct (the usual case) steps 3-4 cost one hash of one column;
-otherwise the group is processed hour by hour. Memory: about one group plus the writers' buffers,
-never the day. The result, a :class:`PreparedExport`, is a handle to the encoded parts; nothing
-reaches the destination here, and the caller uploads a day only after every event type of the day
-prepared (``pipeline.prepare_days``).
+otherwise the group is processed hour by hour. Memory: about one group (as read; a sorted copy
+only when rows were dropped) plus one slice and the writers' buffers, never the day. The result,
+a :class:`PreparedExport`, is a handle to the encoded parts; nothing reaches the destination here,
+and the caller uploads a day only after every event type of the day prepared
+(``pipeline.prepare_days``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import polars as pl
 import pyarrow as pa
 
 from userpilot_sync.config.model import Filters, FormatSpec, SyncJob
-from userpilot_sync.destination.formats import LocalPart, PartsWriter
+from userpilot_sync.destination.formats import ROW_GROUP_ROWS, LocalPart, PartsWriter
 from userpilot_sync.errors import ValidationError
 from userpilot_sync.partitions import day_window, parse_partition
 from userpilot_sync.schema.events import KNOWN_INTERACTION_STATUSES, KNOWN_SOURCES, export_arrow_schema
@@ -53,6 +56,8 @@ SORT_KEY = ("inserted_at", "internal_event_id")
 #: Hours are read, validated and encoded in groups of at least this many staged rows (bounded memory:
 #: with one group per preparing thread the 5M-event day stays under 600 MB, docs/performance.md).
 VALIDATION_ROWS = 65_536
+#: rows cast to the export schema and handed to the writers at once (their row group: formats.ROW_GROUP_ROWS)
+ENCODE_ROWS = ROW_GROUP_ROWS
 
 
 @dataclass
@@ -316,6 +321,7 @@ class ExportPreparer:
             frame = _add_interaction_columns(frame)
         # Fast path: ids all distinct -> no exact duplicates and no conflicting ids, nothing to
         # drop (hashing one column instead of every column of every row); else hour by hour.
+        order: pl.Series | None = None  # the rows' sorted order, when the frame itself is not sorted
         if frame.get_column("internal_event_id").is_duplicated().any():
             pieces = []
             for (_,), hour_frame in frame.group_by(["_hour"], maintain_order=True):
@@ -324,7 +330,10 @@ class ExportPreparer:
                 pieces.append(hour_frame.sort(list(SORT_KEY), maintain_order=True))
             frame = pl.concat(pieces, how="vertical") if pieces else frame.drop("_hour")
         else:
-            frame = frame.drop("_hour").sort(list(SORT_KEY), maintain_order=True)
+            # the stable sort as a permutation, applied a slice at a time when encoding below: no
+            # sorted copy of the whole group next to it (the same rows in the same order)
+            frame = frame.drop("_hour")
+            order = frame.select(pl.arg_sort_by(list(SORT_KEY), maintain_order=True)).to_series()
         frame = frame.select(schema.names)
         validate_export_frame(
             frame,
@@ -346,21 +355,25 @@ class ExportPreparer:
                     self.unknown_statuses[value] += n
             for value, n in frame.get_column("entity_type").value_counts().iter_rows():
                 self.entities[value] += n
-        if not frame.height:
-            return
-        # string views straight from polars, one cast to the export schema's strings (not
-        # large_string first: one copy of the group fewer)
-        table = frame.to_arrow(compat_level=pl.CompatLevel.newest()).cast(schema)
-        del frame
-        for writer in self.writers:
-            writer.write(table)
-        if self.keep_rows:
-            if self.kept is None:
-                path = self.out_dir / f"{len(self.files):05d}{STAGED_SUFFIX}"
-                self.kept = IpcFileWriter(path, schema)
-                self.files.append(str(path))
-            self.kept.write_table(table)
-        self.rows += table.num_rows
+        # Encoded a row group at a time: string views straight from polars, one cast to the export
+        # schema's strings per slice, so the cast copy is one slice (ENCODE_ROWS), not the whole
+        # group (a group is at least one hour: ~170,000 rows of one event type on a 10M-event day).
+        # The writers re-batch rows into their own row groups, so the bytes are the same.
+        for offset in range(0, frame.height, ENCODE_ROWS):
+            part = (frame.slice(offset, ENCODE_ROWS) if order is None
+                    else frame.select(pl.all().gather(order.slice(offset, ENCODE_ROWS))))
+            table = part.to_arrow(compat_level=pl.CompatLevel.newest()).cast(schema)
+            del part
+            for writer in self.writers:
+                writer.write(table)
+            if self.keep_rows:
+                if self.kept is None:
+                    path = self.out_dir / f"{len(self.files):05d}{STAGED_SUFFIX}"
+                    self.kept = IpcFileWriter(path, schema)
+                    self.files.append(str(path))
+                self.kept.write_table(table)
+            self.rows += table.num_rows
+            del table
 
     def finish(self, source_rows: int) -> PreparedExport:
         """Close the encoded parts; the prepared export (also written to ``out_dir/prepared.json``).
