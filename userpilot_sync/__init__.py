@@ -23,23 +23,43 @@ _os.environ.setdefault(POLARS_ALLOCATOR_ENV, "background_thread:true,dirty_decay
 #: set-up per ``collect()``. pandera's polars backend collects one small query per column and check
 #: (~50 per validated group), so validating a day of 20,000 events spent most of its time setting
 #: up streaming queries: "in-memory" makes each validation 2.5-4x cheaper (docs/performance.md).
-#: Eager polars operations always run in memory; this package's own lazy queries over staged
-#: files pass ``engine="streaming"`` explicitly. A value set in the environment wins.
+#: Eager polars operations always run in memory; this package's own lazy queries pass
+#: ``engine="streaming"`` explicitly. It applies to every lazy query of the process (and of the
+#: processes it starts). An engine set in the environment, or set in code before this package is
+#: imported (``pl.Config.set_engine_affinity``), wins.
 POLARS_ENGINE_ENV = "POLARS_ENGINE_AFFINITY"
-if POLARS_ENGINE_ENV not in _os.environ:
+
+
+def _default_polars_engine() -> None:
+    if POLARS_ENGINE_ENV in _os.environ:
+        return
+    polars = _sys.modules.get("polars")
+    if polars is not None:  # imported before this package: an engine object chosen in code stays
+        try:
+            from polars.lazyframe.engine_config import get_engine_affinity_override
+        except ImportError:  # another polars layout: nothing to respect
+            pass
+        else:
+            if get_engine_affinity_override() is not None:
+                return
     _os.environ[POLARS_ENGINE_ENV] = "in-memory"
-    if "polars" in _sys.modules:  # imported before this package: it read the environment already
-        _sys.modules["polars"].Config.set_engine_affinity("in-memory")
+    if polars is not None:  # it read the environment already
+        polars.Config.set_engine_affinity("in-memory")
+
+
+_default_polars_engine()
 
 #: Arrow's memory pool: jemalloc (Arrow's default is mimalloc), which returns freed memory to the OS
 #: at once. The same 5M-event export peaked at 567-598 MB with it against 704-705 MB with mimalloc
-#: and 916-932 MB with the system allocator, at the same CPU (docs/performance.md). A value set in
-#: the environment wins; a pyarrow built without jemalloc keeps its default pool.
+#: and 916-932 MB with the system allocator, at the same CPU (docs/performance.md). Linux only (its
+#: pyarrow wheels ship jemalloc; elsewhere Arrow would warn about an unknown pool on every start).
+#: A value set in the environment wins. Arrow reads the variable once: if pyarrow was imported
+#: before this package, only pyarrow's default pool (what its Python API allocates from) changes.
 ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
-if ARROW_POOL_ENV not in _os.environ:
+if ARROW_POOL_ENV not in _os.environ and _sys.platform.startswith("linux"):
     _os.environ[ARROW_POOL_ENV] = "jemalloc"
-    if "pyarrow" in _sys.modules:  # imported before this package: it chose its pool already
+    if "pyarrow" in _sys.modules:
         try:
             _sys.modules["pyarrow"].set_memory_pool(_sys.modules["pyarrow"].jemalloc_memory_pool())
-        except NotImplementedError:
+        except NotImplementedError:  # a pyarrow built without jemalloc keeps its default pool
             pass

@@ -10,9 +10,11 @@ each group:
    ``inserted_at`` (a hashed field), hence the same hour: duplicates are looked for per hour;
 4. refuse ids seen twice within an hour with different content (a ValidationError naming samples);
 5. sort stably by (``inserted_at``, ``internal_event_id``) — hours are disjoint ranges of
-   ``inserted_at``, so sorting a run of hours at once orders it exactly as hour by hour; when no
-   row was dropped the sort is a permutation, applied one slice at a time in step 7;
-6. validate with the event type's pandera schema (data level, eager frame, one call per group);
+   ``inserted_at``, so sorting a run of hours at once orders it exactly as hour by hour; when the
+   ids are all distinct the sort is a permutation, applied one slice at a time in step 7;
+6. validate with the event type's pandera schema (data level, eager frame, one call per group; on
+   the all-distinct path before the order is applied, so a ValidationError's sample values come
+   in staged order — its counts do not depend on the order);
 7. hand the validated rows, cast to the export schema one ``ENCODE_ROWS`` slice at a time, to
    one streaming writer per export format
    (``destination/formats.py:PartsWriter``), which encodes them to local part files under
@@ -22,7 +24,7 @@ each group:
 
 When the ids of a group are all distinct (the usual case) steps 3-4 cost one hash of one column;
 otherwise the group is processed hour by hour. Memory: about one group (as read; a sorted copy
-only when rows were dropped) plus one slice and the writers' buffers, never the day. The result,
+only when ids repeat) plus one slice and the writers' buffers, never the day. The result,
 a :class:`PreparedExport`, is a handle to the encoded parts; nothing reaches the destination here,
 and the caller uploads a day only after every event type of the day prepared
 (``pipeline.prepare_days``).

@@ -1,8 +1,10 @@
 """The process-wide library settings ``userpilot_sync/__init__.py`` makes (docs/configuration.md):
-Arrow's jemalloc pool and polars' in-memory engine for lazy queries, whichever of pyarrow, polars
-and this package is imported first, and never over a value the user set in the environment.
+Arrow's jemalloc pool and polars' in-memory engine for lazy queries, whether pyarrow and polars
+are imported before or after this package, and never over a choice the user made.
 
-Each case runs in a fresh interpreter: these settings are read once per process.
+Each case runs in a fresh interpreter: these settings are read once per process. Which engine ran
+is observed, not looked up: with ``POLARS_VERBOSE`` polars' streaming engine logs ``polars-stream``
+lines on stderr, the in-memory engine does not.
 """
 
 from __future__ import annotations
@@ -11,53 +13,79 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 PROBE = """
 import json, os, sys
-for name in sys.argv[1].split(","):
+before, after = sys.argv[1], sys.argv[2]
+for name in filter(None, before.split(",")):
     __import__(name)
+if after == "engine-object":
+    import polars as pl
+    pl.Config.set_engine_affinity(pl.StreamingEngine())
+import userpilot_sync
 import polars as pl
 import pyarrow as pa
-from polars.lazyframe.engine_config import _select_engine
-print(json.dumps({
-    "pool": pa.default_memory_pool().backend_name,
-    "engine": type(_select_engine("auto")).__name__,
-    "pool_env": os.environ.get("ARROW_DEFAULT_MEMORY_POOL"),
-}))
+pl.Config.set_verbose(True)
+pl.LazyFrame({"a": [1, 2, 3]}).select(pl.col("a").sum()).collect()
+pl.Config.set_verbose(False)
+print(json.dumps({"pool": pa.default_memory_pool().backend_name,
+                  "pool_env": os.environ.get("ARROW_DEFAULT_MEMORY_POOL")}))
 """
 
+jemalloc = pytest.mark.skipif("jemalloc" not in pa.supported_memory_backends() or not sys.platform.startswith("linux"),
+                              reason="the package picks Arrow's jemalloc pool on Linux builds that have it")
 
-def _probe(order: str, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in ("ARROW_DEFAULT_MEMORY_POOL", "POLARS_ENGINE_AFFINITY")}
-    out = subprocess.run([sys.executable, "-c", PROBE, order], env={**clean, **env}, check=True,
+
+def _probe(before: str, after: str = "", **env: str) -> tuple[dict, bool]:
+    """(what the probe printed, whether polars' streaming engine ran its query)."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("ARROW_DEFAULT_MEMORY_POOL", "POLARS_ENGINE_AFFINITY", "POLARS_VERBOSE")}
+    out = subprocess.run([sys.executable, "-c", PROBE, before, after], env={**clean, **env}, check=True,
                          capture_output=True, text=True, timeout=120)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]), "polars-stream" in out.stderr
 
 
-@pytest.mark.parametrize("order", ["userpilot_sync", "pyarrow,polars,userpilot_sync", "dagster_aws,userpilot_sync"])
-def test_jemalloc_pool_and_in_memory_engine_whatever_is_imported_first(order):
-    got = _probe(order)
+@pytest.mark.parametrize("before", ["", "pyarrow,polars"], ids=["package first", "libraries first"])
+def test_lazy_queries_run_in_memory_whatever_is_imported_first(before):
+    _, streamed = _probe(before)
+    assert not streamed
+
+
+@jemalloc
+@pytest.mark.parametrize("before", ["", "pyarrow,polars"], ids=["package first", "libraries first"])
+def test_arrow_pool_is_jemalloc_whatever_is_imported_first(before):
+    got, _ = _probe(before)
     assert got["pool"] == "jemalloc", got
-    assert got["engine"] == "InMemoryEngine", got
-    # child processes (run workers, the benchmark's children) inherit the choice
+    # processes started from this one (run workers, the benchmark's children) get the same pool
     assert got["pool_env"] == "jemalloc"
 
 
-def test_values_set_in_the_environment_win():
-    got = _probe("pyarrow,userpilot_sync", ARROW_DEFAULT_MEMORY_POOL="system", POLARS_ENGINE_AFFINITY="streaming")
+def test_the_probe_sees_the_streaming_engine_when_it_runs():
+    """Without this package's default (a value set in the environment) polars streams: the probe can
+    tell the two engines apart."""
+    _, streamed = _probe("", POLARS_ENGINE_AFFINITY="streaming")
+    assert streamed
+
+
+def test_choices_of_the_user_win():
+    got, streamed = _probe("pyarrow", ARROW_DEFAULT_MEMORY_POOL="system", POLARS_ENGINE_AFFINITY="streaming")
     assert got["pool"] == "system", got
-    assert got["engine"] == "StreamingEngine", got
+    assert streamed
+    # an engine chosen in code before the package is imported stays too
+    _, streamed = _probe("polars", "engine-object")
+    assert streamed
 
 
-def test_lazy_queries_over_staged_files_ask_for_streaming_themselves():
-    """The package's own lazy queries (documented files over staged/prepared Arrow files) keep
-    polars' streaming engine whatever the process default is."""
-    from pathlib import Path
-
+def test_the_package_lazy_queries_name_their_engine():
+    """A lint: the package's own lazy queries (the documented files' scans of staged and prepared
+    files, the snapshot merges) say which engine runs them, so the process default above does not
+    change them."""
     root = Path(__file__).resolve().parent.parent / "userpilot_sync"
     for path in root.rglob("*.py"):
         text = path.read_text()
-        if "scan_ipc(" in text or ".lazy()" in text:
-            assert ".collect()" not in text, f"{path.relative_to(root.parent)}: pass engine=... to collect()"
+        for bare in (".collect()", "collect_all("):
+            assert bare not in text, f"{path.relative_to(root.parent)}: pass engine=... to the lazy query's collect"
