@@ -263,16 +263,17 @@ class DemoSource:
                 if b_end > start and b_start < end and self._block_size(block):
                     blocks.append((block, start <= b_start and b_end <= end))
             group: list[tuple[int, bool]] = []
+            rows = 0
             for i, (block, inside) in enumerate(blocks):
                 group.append((block, inside))
-                rows = sum(self._block_size(b) for b, _ in group)
+                rows += self._block_size(block)
                 following = self._block_size(blocks[i + 1][0]) if i + 1 < len(blocks) else None
                 if following is None or rows + following > batch_rows:
                     frame = self._frame([self._block_columns(day, b) for b, _ in group])
                     table = self._window(frame, None if all(ok for _, ok in group) else in_window, keep)
                     if table is not None:
                         yield table
-                    group = []
+                    group, rows = [], 0
             day += timedelta(days=1)
 
     @staticmethod
