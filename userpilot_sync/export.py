@@ -1,8 +1,8 @@
 """Prepare one export (one event type of one partition) from staged raw events, encoded once.
 
 The staged hours of the event type (``StagedDay.hours``) are read in hour order, in groups of
-consecutive hours of about ``VALIDATION_ROWS`` staged rows (record batches read from the staged files). For
-each group:
+consecutive hours of about ``VALIDATION_ROWS`` staged rows (record batches of the staged files).
+For each group:
 
 1. apply the sync job's filters (event names include/exclude globs, user/company lists);
 2. add the parsed interaction columns (``entity_type``, ``entity_id``, ``interaction_status``);
@@ -10,11 +10,8 @@ each group:
    ``inserted_at`` (a hashed field), hence the same hour: duplicates are looked for per hour;
 4. refuse ids seen twice within an hour with different content (a ValidationError naming samples);
 5. sort stably by (``inserted_at``, ``internal_event_id``) — hours are disjoint ranges of
-   ``inserted_at``, so sorting a run of hours at once orders it exactly as hour by hour; when the
-   ids are all distinct the sort is a permutation, applied one slice at a time in step 7;
-6. validate with the event type's pandera schema (data level, eager frame, one call per group; on
-   the all-distinct path before the order is applied, so a ValidationError's sample values come
-   in staged order — its counts do not depend on the order);
+   ``inserted_at``, so sorting a run of hours at once orders it exactly as hour by hour;
+6. validate with the event type's pandera schema (data level, eager frame);
 7. hand the validated rows, cast to the export schema one ``ENCODE_ROWS`` slice at a time, to
    one streaming writer per export format
    (``destination/formats.py:PartsWriter``), which encodes them to local part files under
@@ -22,11 +19,25 @@ each group:
    optionally (``keep_rows``) also to ``<out_dir>/<NNNNN>.arrow`` for Userpilot's documented files,
    which read the export's rows again.
 
-When the ids of a group are all distinct (the usual case) steps 3-4 cost one hash of one column;
-otherwise the group is processed hour by hour. Memory: about one group (as read; a sorted copy
-only when ids repeat) plus one slice and the writers' buffers, never the day. The result,
-a :class:`PreparedExport`, is a handle to the encoded parts; nothing reaches the destination here,
-and the caller uploads a day only after every event type of the day prepared
+Two ways through a group, with the same result byte for byte (the writers re-batch rows into
+their own row groups, so how rows are handed to them does not show in the files):
+
+* **In slices** (a group of more than ``ENCODE_ROWS`` staged rows whose ids are all distinct, the
+  usual case): only the two sort-key columns of the group are read first (from memory-mapped
+  staged files, which touches only those columns' pages); with distinct ids there is nothing to
+  de-duplicate (steps 3-4). The stable sort of all the group's rows is computed from the keys; then
+  each ``ENCODE_ROWS`` slice of that order is gathered from the mapped files, filtered (the kept
+  rows of a stable sort, in order, are the stable sort of the kept rows), validated and encoded.
+  Memory: the group's keys plus one slice, whatever the size of an hour (one hour of ``track`` is
+  ~170,000 rows on a 10M-event day). A ValidationError then describes the first failing slice,
+  its sample values in sorted order.
+* **Whole** (a group of one slice or less, or one where an id repeats): the group is read into
+  memory; ids that repeat are de-duplicated and checked hour by hour (an hour is where two rows of
+  one id meet), otherwise the sorted order is a permutation applied one slice at a time when
+  encoding. Memory: one group. A ValidationError describes the group, its samples in staged order.
+
+The result, a :class:`PreparedExport`, is a handle to the encoded parts; nothing reaches the
+destination here, and the caller uploads a day only after every event type of the day prepared
 (``pipeline.prepare_days``).
 """
 
@@ -230,6 +241,74 @@ class _StagedHours:
         return frame.with_columns(pl.Series("_hour", hour_of_row, dtype=pl.Int8))
 
 
+class _MappedBatches:
+    """The staged record batches of one group, memory-mapped (``with``: the maps are closed on exit).
+
+    A mapped batch costs nothing until its pages are read: selecting two columns touches only those
+    columns' pages, and taking some rows touches only theirs. Pages read count in the process's memory
+    (RSS) for as long as the map is open, so a map is held for one pass or one slice, never a group.
+    ``refs`` are ``(file number, batch index)`` pairs, in group order.
+    """
+
+    def __init__(self, raw_dir: Path, refs: list[tuple[int, int]]):
+        self.raw_dir = Path(raw_dir)
+        self.refs = refs
+        self.maps: dict[int, pa.MemoryMappedFile] = {}
+        self.readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+
+    def __enter__(self) -> "_MappedBatches":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.readers.clear()
+        for source in self.maps.values():
+            source.close()
+        self.maps.clear()
+
+    def batch(self, i: int) -> pa.RecordBatch:
+        number, index = self.refs[i]
+        reader = self.readers.get(number)
+        if reader is None:
+            source = pa.memory_map(str(self.raw_dir / f"{number:05d}{STAGED_SUFFIX}"))
+            self.maps[number] = source
+            reader = self.readers[number] = pa.ipc.open_file(source)
+        return reader.get_batch(index)
+
+    def columns(self, names: list[str]) -> pl.DataFrame:
+        """Some columns of every batch of the group, in group order, as one frame."""
+        table = pa.Table.from_batches([self.batch(i).select(names) for i in range(len(self.refs))])
+        frame = pl.from_arrow(table)
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+
+    def take(self, rows: np.ndarray, starts: np.ndarray) -> pl.DataFrame:
+        """The rows at positions ``rows`` of the group (``starts``: each batch's first position),
+        in the order given, every column. Rows taken from a batch in one consecutive run (a source
+        that delivers in time order) are a zero-copy slice of the mapped batch."""
+        in_order = bool(np.all(rows[1:] > rows[:-1]))
+        ascending = None if in_order else np.argsort(rows, kind="stable")
+        wanted = rows if ascending is None else rows[ascending]
+        which = np.searchsorted(starts, wanted, side="right") - 1
+        bounds = [0, *(np.flatnonzero(np.diff(which)) + 1).tolist(), len(wanted)]
+        pieces = []
+        for first, end in zip(bounds[:-1], bounds[1:]):
+            i = int(which[first])
+            batch = self.batch(i)
+            local = wanted[first:end] - starts[i]
+            if int(local[-1]) - int(local[0]) + 1 == len(local):
+                pieces.append(batch.slice(int(local[0]), len(local)))
+            else:
+                pieces.append(batch.take(pa.array(local)))
+        frame = pl.from_arrow(pa.Table.from_batches(pieces))
+        assert isinstance(frame, pl.DataFrame)
+        del pieces
+        if ascending is None:
+            return frame
+        rank = np.empty_like(ascending)
+        rank[ascending] = np.arange(len(ascending))
+        return frame.select(pl.all().gather(pl.Series(rank)))
+
+
 def _dedupe_hour(frame: pl.DataFrame, job: SyncJob, partition: str, event_type: str) -> tuple[pl.DataFrame, int]:
     """Exact duplicates dropped from one hour's rows; raises ValidationError on ids that clash."""
     before = frame.height
@@ -311,6 +390,41 @@ class ExportPreparer:
             raise
 
     def _add(self, group: list) -> None:
+        refs = [(number, index) for _, hour_refs in group for number, index, _ in hour_refs]
+        counts = np.array([n for _, hour_refs in group for *_, n in hour_refs], dtype=np.int64)
+        rows = int(counts.sum())
+        if rows <= ENCODE_ROWS:
+            self._add_read(group)
+            return
+        # Sliced: the sort keys first (two columns), then the rows one slice of the sorted order at
+        # a time, gathered from the memory-mapped staged batches: memory is one slice, not the group.
+        with _MappedBatches(self.reader.raw_dir, refs) as mapped:
+            keys = mapped.columns(list(SORT_KEY))
+        if keys.get_column("internal_event_id").is_duplicated().any():
+            del keys
+            self._add_read(group)  # ids repeat: de-duplicated hour by hour, whole hours in memory
+            return
+        # the stable sort of all rows; the filter below keeps a subsequence of it, which is the
+        # stable sort of the kept rows (the order the whole-group path gives)
+        order = keys.select(pl.arg_sort_by(list(SORT_KEY), maintain_order=True)).to_series().to_numpy()
+        del keys
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.staged_rows += rows
+        for offset in range(0, rows, ENCODE_ROWS):
+            with _MappedBatches(self.reader.raw_dir, refs) as mapped:
+                frame = mapped.take(order[offset:offset + ENCODE_ROWS], starts)
+            if self.predicate is not None:
+                kept_rows = frame.filter(self.predicate)
+                self.filtered += frame.height - kept_rows.height
+                frame = kept_rows
+            if frame.height:
+                if self.event_type == "interaction":
+                    frame = _add_interaction_columns(frame)
+                self._emit(frame.select(self.schema.names), None)
+            del frame
+
+    def _add_read(self, group: list) -> None:
+        """One group read whole (a small group, or one whose ids repeat)."""
         job, event_type, schema = self.job, self.event_type, self.schema
         frame = self.reader.read(group)
         self.reader.close()  # the batches were read into memory; at most one group's files are open
@@ -336,7 +450,14 @@ class ExportPreparer:
             # sorted copy of the whole group next to it (the same rows in the same order)
             frame = frame.drop("_hour")
             order = frame.select(pl.arg_sort_by(list(SORT_KEY), maintain_order=True)).to_series()
-        frame = frame.select(schema.names)
+            if order.is_sorted():  # a permutation in ascending order: the rows are in order already
+                order = None
+        self._emit(frame.select(schema.names), order)
+
+    def _emit(self, frame: pl.DataFrame, order: pl.Series | None) -> None:
+        """Validate rows of the export (columns of the export schema) and hand them to the writers
+        in ``order`` (positions in ``frame``; None: as they are)."""
+        job, event_type, schema = self.job, self.event_type, self.schema
         validate_export_frame(
             frame,
             sync_job=job.name,

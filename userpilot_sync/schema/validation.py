@@ -10,9 +10,10 @@ value rules the Userpilot docs imply:
   :data:`~userpilot_sync.schema.events.KNOWN_SOURCES` are reported, not rejected (open set);
 * ``country_code`` is two upper-case letters; screen sizes are >= 0 pixels;
 * ``inserted_at`` lies inside the partition's UTC day [00:00, 24:00);
-* ``internal_event_id`` is present, not empty and unique within each validated group (a run of
-  hours of ~65k rows, ``export.VALIDATION_ROWS``); an id seen twice with different content is also
-  caught per hour, where two rows with one id always meet (the id hashes ``inserted_at``), see
+* ``internal_event_id`` is present, not empty and unique within each validated frame (a group of
+  hours of ~65k rows, ``export.VALIDATION_ROWS``, or one slice of a larger group, whose ids were
+  first found distinct across the group); an id seen twice with different content is also caught
+  per hour, where two rows with one id always meet (the id hashes ``inserted_at``), see
   ``export.py``.
 
 :func:`validate_export_frame` raises :class:`~userpilot_sync.errors.ValidationError` naming the
