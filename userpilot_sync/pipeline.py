@@ -435,37 +435,58 @@ def prepare_days(job: SyncJob, staged: Iterable[StagedDay], *, threads: int | No
     staged = list(staged)
     keep = rows_needed(job)
     out: dict[str, dict[str, PreparedExport] | ValidationError] = {}
-    tasks = []
+    # One task per large export; small exports (one group of hours each, e.g. the days of a
+    # backfill range) of one event type go together, consecutive days up to VALIDATION_ROWS staged
+    # rows per task, and are validated with one pandera call (export.prepare_small_exports): the
+    # same files and errors as one by one, without ~40 ms of pandera per export and day.
+    tasks: list[tuple[int, list[StagedDay], str]] = []
+    batches: dict[str, tuple[int, list[StagedDay]]] = {}
     for day in staged:
         if day.error:
             out[day.partition] = ValidationError(day.error)
             continue
         for et in job.event_types:
-            tasks.append((day, et))
-    # largest first: the longest export starts at once and the small ones fill the other threads
-    tasks.sort(key=lambda t: -t[0].rows_by_event_type.get(t[1], 0))
+            rows = day.rows_by_event_type.get(et, 0)
+            if not export_module.is_small_export(day, et):
+                tasks.append((rows, [day], et))
+                continue
+            total, days = batches.get(et, (0, []))
+            total, days = total + rows, days + [day]
+            if total >= export_module.VALIDATION_ROWS:
+                tasks.append((total, days, et))
+                total, days = 0, []
+            batches[et] = (total, days)
+    tasks += [(total, days, et) for et, (total, days) in batches.items() if days]
+    # largest first: the longest task starts at once and the small ones fill the other threads
+    tasks.sort(key=lambda t: -t[0])
 
-    def run(task):
-        day, et = task
-        return prepare_export(day, job, et, day.root / "prepared" / et, keep_rows=et in keep)
+    def run(task) -> list:
+        _, days, et = task
+        if len(days) == 1 and not export_module.is_small_export(days[0], et):
+            try:
+                return [prepare_export(days[0], job, et, days[0].root / "prepared" / et, keep_rows=et in keep)]
+            except ValidationError as exc:
+                return [exc]
+        return export_module.prepare_small_exports(
+            job, et, [(day, day.root / "prepared" / et, et in keep) for day in days])
 
     n = min(threads or prepare_threads(), max(1, len(tasks)))
     results: dict[tuple[str, str], object] = {}
+
+    def collect(task, outcome: list) -> None:
+        for day, result in zip(task[1], outcome):
+            results[(day.partition, task[2])] = result
+
     if n == 1:
         for task in tasks:
-            try:
-                results[(task[0].partition, task[1])] = run(task)
-            except ValidationError as exc:
-                results[(task[0].partition, task[1])] = exc
+            collect(task, run(task))
     else:
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="userpilot_sync-prepare") as pool:
-            futures = {(task[0].partition, task[1]): pool.submit(run, task) for task in tasks}
+            futures = [(task, pool.submit(run, task)) for task in tasks]
             unexpected: BaseException | None = None
-            for key in sorted(futures):
+            for task, future in futures:
                 try:
-                    results[key] = futures[key].result()
-                except ValidationError as exc:
-                    results[key] = exc
+                    collect(task, future.result())
                 except BaseException as exc:  # noqa: BLE001 - raised after every thread finished
                     unexpected = unexpected or exc
             if unexpected is not None:

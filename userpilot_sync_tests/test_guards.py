@@ -93,15 +93,16 @@ def test_a_filter_typo_cannot_replace_a_good_day_with_an_empty_one(tmp_path):
 
 def test_rows_unaccounted_for_refuse_the_day_before_upload(tmp_path, monkeypatch):
     job = make_job(tmp_path, source={"kind": "demo", "events_per_day": 500, "seed": 1})
-    original = export_module.prepare_export
+    original = export_module.ExportPreparer.finish
 
-    def miscounting(*args, **kwargs):  # one term off: a bug must never pass silently
-        prepared = original(*args, **kwargs)
+    def miscounting(self, *args, **kwargs):  # one term off: a bug must never pass silently
+        prepared = original(self, *args, **kwargs)
         if prepared.event_type == "page_view":
             prepared.filtered_out += 1
         return prepared
 
-    monkeypatch.setattr("userpilot_sync.pipeline.prepare_export", miscounting)
+    # every export is finished by an ExportPreparer, prepared alone or with other small exports
+    monkeypatch.setattr(export_module.ExportPreparer, "finish", miscounting)
     with dg.instance_for_test() as instance:
         result = run_sync(build_definitions([job], tmp_path / "staging"), instance, PK)
         assert not result.success

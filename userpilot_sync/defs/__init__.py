@@ -18,3 +18,9 @@ warnings.filterwarnings("ignore", category=_dg.PreviewWarning)
 from userpilot_sync.defs import pool_wait as _pool_wait  # noqa: E402
 
 _pool_wait.apply()
+
+# With SQLite instance storage, a run keeps one SQLAlchemy engine per event-log file instead of
+# creating one per stored event (see userpilot_sync/defs/sqlite_engines.py).
+from userpilot_sync.defs import sqlite_engines as _sqlite_engines  # noqa: E402
+
+_sqlite_engines.apply()

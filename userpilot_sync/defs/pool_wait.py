@@ -53,6 +53,22 @@ def busy_waits(cls=None) -> bool:
     return not cls.interval_to_next_pending_claim_check(probe) > 0
 
 
+def replace_method(cls, name: str, replacement, marker: str, needed) -> bool:
+    """Set ``cls.<name>`` to ``replacement`` (which carries the attribute ``marker``) unless it
+    already is, or ``needed(cls)`` is false or fails (a Dagster whose code is not the one replaced).
+    Returns True when replaced by this call. Shared by the modules of ``defs/`` that replace one
+    method of Dagster's."""
+    if getattr(getattr(cls, name), marker, False):
+        return False
+    try:
+        if not needed(cls):
+            return False
+    except Exception:  # pragma: no cover - attributes renamed: not the code this replaces
+        return False
+    setattr(cls, name, replacement)
+    return True
+
+
 def apply() -> bool:
     """Install the sleeping wait if the installed Dagster busy-waits. Returns True when it was
     installed by this call; False when it already was, or Dagster does not need it (or moved the
@@ -61,14 +77,5 @@ def apply() -> bool:
         from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
     except ImportError:  # pragma: no cover - a Dagster that reorganised its executor
         return False
-    current = InstanceConcurrencyContext.interval_to_next_pending_claim_check
-    if getattr(current, _FIXED, False):
-        return False
-    try:
-        needed = busy_waits(InstanceConcurrencyContext)
-    except Exception:  # pragma: no cover - attributes renamed: not the code this fixes
-        return False
-    if not needed:
-        return False
-    InstanceConcurrencyContext.interval_to_next_pending_claim_check = _interval_to_next_pending_claim_check
-    return True
+    return replace_method(InstanceConcurrencyContext, "interval_to_next_pending_claim_check",
+                          _interval_to_next_pending_claim_check, _FIXED, busy_waits)
