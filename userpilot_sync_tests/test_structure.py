@@ -78,10 +78,11 @@ def test_only_defs_the_cli_and_the_cluster_worker_import_dagster():
 #: The modules allowed a private Dagster import. Each replaces one method of Dagster's, checks first
 #: that the installed Dagster still has the code it replaces, and has a test proving both:
 #: pool_wait.py, Dagster 1.13's busy loop while a step waits for a pool slot (test_pool_wait.py);
-#: sqlite_engines.py, the SQLite event log's engine per connection (test_sqlite_engines.py).
+#: sqlite_engines.py, the SQLite event log's and run storage's engine per connection (test_sqlite_engines.py).
 PRIVATE_DAGSTER_ALLOWED = {
     "userpilot_sync/defs/pool_wait.py": {"dagster._core.execution.plan.instance_concurrency_context"},
-    "userpilot_sync/defs/sqlite_engines.py": {"dagster._check", "dagster._core.storage.event_log.sqlite.sqlite_event_log"},
+    "userpilot_sync/defs/sqlite_engines.py": {"dagster._check", "dagster._core.storage.event_log.sqlite.sqlite_event_log",
+                                              "dagster._core.storage.runs.sqlite.sqlite_run_storage"},
 }
 
 

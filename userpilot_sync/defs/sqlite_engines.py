@@ -1,4 +1,4 @@
-"""Keep one SQLAlchemy engine per SQLite file of Dagster's event log instead of one per connection.
+"""Keep one SQLAlchemy engine per SQLite file of Dagster's instance storage instead of one per connection.
 
 Why: with SQLite instance storage (``make run``, ``make ui``, one machine), Dagster 1.13's
 ``SqliteEventLogStorage._connect`` creates a new SQLAlchemy ``Engine`` (``NullPool``) for every
@@ -8,15 +8,19 @@ statements again and re-reads SQLite's settings. A run of a sync job stores ~34 
 (materializations, planned materializations, check evaluations), and on a 31-day run of 20,000
 events a day that work was ~20 % of the run's CPU in py-spy (docs/performance.md, "The backfill").
 
-:func:`apply` replaces that one method, in the processes that load this code location (run workers,
-the CLI), by one that creates the engine of a shard (the index or a run's file) once and keeps it,
-the least recently used of more than :data:`MAX_ENGINES` disposed of. Nothing else changes:
+``SqliteRunStorage.connect`` does the same for the runs database (run status, tags, the dynamic
+partitions every ``add_asset_metadata`` call of a partitioned asset looks up).
+
+:func:`apply` replaces those two methods, in the processes that load this code location (run
+workers, the CLI), by ones that create the engine of a file (the event log's index, a run's event
+log, the runs database) once and keep it; of the event log's, the least recently used beyond
+:data:`MAX_ENGINES` are disposed of. Nothing else changes:
 connections are still not pooled (``NullPool`` opens and closes a ``sqlite3`` connection per use, as
 before), the busy timeout, the storage's lock around each connection and its first-use
 initialisation of a shard are Dagster's own code paths. PostgreSQL storage (``deploy/cluster``)
-already keeps its engine and is not touched. It first checks that the installed Dagster still
-creates an engine per connection (its ``_connect`` calls ``create_engine`` and ``dispose``) and
-leaves any other Dagster alone.
+already keeps its engine and is not touched. Each is replaced only if the installed Dagster's
+method still creates an engine per connection (it calls ``create_engine``); any other Dagster is
+left alone.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ from userpilot_sync.defs.pool_wait import replace_method
 _FIXED = "_userpilot_sync_keeps_engines"
 #: Engines kept per storage (shards: the index and the runs this process writes or reads).
 MAX_ENGINES = 16
-#: Dagster's own ``_connect``, once :func:`apply` replaced it (None before, or when left alone).
-replaced = None
+#: Dagster's own methods that :func:`apply` replaced, by name (``SqliteEventLogStorage._connect``,
+#: ``SqliteRunStorage.connect``).
+replaced: dict[str, object] = {}
+#: Marker on the run storage's replacement.
+_FIXED_RUNS = "_userpilot_sync_keeps_run_engine"
 
 
 def _engine_for(storage, shard: str):
@@ -74,30 +81,61 @@ def _connect(self, shard: str) -> Iterator:
 setattr(_connect, _FIXED, True)
 
 
+@contextmanager
+def _run_connect(self) -> Iterator:
+    """Dagster's ``SqliteRunStorage.connect`` with the runs database's engine kept between calls
+    (an Engine is thread-safe; ``NullPool`` gives every use its own ``sqlite3`` connection)."""
+    engine = self.__dict__.get("_userpilot_sync_engine")
+    if engine is None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        engine = self.__dict__.setdefault("_userpilot_sync_engine", create_engine(self._conn_string, poolclass=NullPool))
+    with engine.connect() as conn:
+        with conn.begin():
+            yield conn
+
+
+setattr(_run_connect, _FIXED_RUNS, True)
+
+
+def _names(method) -> set[str]:
+    method = getattr(method, "__wrapped__", method)
+    return set(getattr(getattr(method, "__code__", None), "co_names", ()))
+
+
 def creates_engine_per_connection(cls=None) -> bool:
     """True when ``cls`` (Dagster's ``SqliteEventLogStorage`` by default) builds and disposes of an
     engine inside ``_connect``, the code this module replaces."""
     if cls is None:
         from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage as cls
-    method = getattr(cls._connect, "__wrapped__", cls._connect)
-    names = set(getattr(getattr(method, "__code__", None), "co_names", ()))
-    return {"create_engine", "dispose", "_initdb", "_initialized_dbs", "_db_lock"} <= names
+    return {"create_engine", "dispose", "_initdb", "_initialized_dbs", "_db_lock"} <= _names(cls._connect)
+
+
+def creates_run_engine_per_connection(cls=None) -> bool:
+    """True when ``cls`` (Dagster's ``SqliteRunStorage`` by default) builds an engine inside
+    ``connect`` from ``_conn_string``, the code this module replaces."""
+    if cls is None:
+        from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage as cls
+    return {"create_engine", "_conn_string"} <= _names(cls.connect)
 
 
 def apply() -> bool:
-    """Install the kept engines if the installed Dagster creates one per connection. Returns True
-    when installed by this call; False when it already was, or Dagster's code is not the one this
-    replaces (then nothing is changed)."""
+    """Install the kept engines where the installed Dagster creates one per connection. Returns
+    True when anything was installed by this call; False when it already was, or Dagster's code is
+    not the one this replaces (then that method is left alone)."""
     try:
-        from dagster._core.storage.event_log.sqlite.sqlite_event_log import (  # noqa: F401
-            SQLITE_BUSY_TIMEOUT_SECONDS,
-            SqliteEventLogStorage,
-        )
+        from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+        from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
     except ImportError:  # pragma: no cover - a Dagster that reorganised its storage
         return False
-    original = SqliteEventLogStorage._connect
-    if not replace_method(SqliteEventLogStorage, "_connect", _connect, _FIXED, creates_engine_per_connection):
-        return False
-    global replaced
-    replaced = original
-    return True
+    installed = False
+    for cls, method, replacement, marker, needed in (
+        (SqliteEventLogStorage, "_connect", _connect, _FIXED, creates_engine_per_connection),
+        (SqliteRunStorage, "connect", _run_connect, _FIXED_RUNS, creates_run_engine_per_connection),
+    ):
+        original = getattr(cls, method)
+        if replace_method(cls, method, replacement, marker, needed):
+            replaced[f"{cls.__name__}.{method}"] = original
+            installed = True
+    return installed
