@@ -436,9 +436,10 @@ def prepare_days(job: SyncJob, staged: Iterable[StagedDay], *, threads: int | No
     keep = rows_needed(job)
     out: dict[str, dict[str, PreparedExport] | ValidationError] = {}
     # One task per large export; small exports (one group of hours each, e.g. the days of a
-    # backfill range) of one event type go together, consecutive days up to VALIDATION_ROWS staged
-    # rows per task, and are validated with one pandera call (export.prepare_small_exports): the
-    # same files and errors as one by one, without ~40 ms of pandera per export and day.
+    # backfill range) of one event type go together, consecutive days until a task holds at least
+    # VALIDATION_ROWS staged rows (so under twice that), and are validated with one pandera call
+    # (export.prepare_small_exports): the same files and errors as one by one, without ~40 ms of
+    # pandera per export and day.
     tasks: list[tuple[int, list[StagedDay], str]] = []
     batches: dict[str, tuple[int, list[StagedDay]]] = {}
     for day in staged:

@@ -8,8 +8,10 @@ refusal."""
 from __future__ import annotations
 
 import random
+import re
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from userpilot_sync import export as export_module
@@ -17,6 +19,7 @@ from userpilot_sync import staging as staging_module
 from userpilot_sync.errors import ValidationError
 from userpilot_sync.pipeline import EARLY_PREPARE_ENV, stage_and_prepare
 from userpilot_sync.source import demo as demo_module
+from userpilot_sync.source.base import SourceBatch
 from userpilot_sync_tests.fixtures_core import DAY, PARTITION, make_job
 from userpilot_sync_tests.test_early_prepare import Rearranged, _outcome, _with_bad_row
 
@@ -121,3 +124,40 @@ def test_a_bad_row_is_refused_the_same_way_in_slices(tmp_path, monkeypatch):
         assert "column 'app_token'" in str(error) and "NX-other0001" in str(error)
         assert f"partition {PARTITION}" in str(error)
     assert str(sliced.prepared[PARTITION]) == str(whole.prepared[PARTITION])
+
+
+def _track_of_another_app(batches, at: int, changed: list[int]):
+    """Batch ``at`` with its track rows' app_token set to another app (their number appended to
+    ``changed``)."""
+    batch = batches[at]
+    table = batch.data if isinstance(batch.data, pa.Table) else pa.Table.from_batches([batch.data])
+    index = table.schema.get_field_index("app_token")
+    is_track = pc.equal(table.column("event_type"), "track")
+    changed.append(pc.sum(is_track).as_py() or 0)
+    table = table.set_column(index, "app_token", pc.if_else(is_track, pa.scalar("NX-other0001"), table.column(index)))
+    return batches[:at] + [SourceBatch(batch.where, table)] + batches[at + 1:]
+
+
+def test_bad_rows_in_several_slices_give_the_whole_groups_error(tmp_path, monkeypatch):
+    """Track rows of another app in several slices of one group (most of the day): the refusal
+    counts and samples the group, as reading it whole does, not the first failing slice."""
+    monkeypatch.setattr(export_module, "VALIDATION_ROWS", 2000)
+
+    changed: list[int] = []
+
+    def bad_rows(batches):
+        changed.clear()
+        for at in (5, 30, 55, 80):  # four 15-minute blocks hours apart: four slices of the group
+            batches = _track_of_another_app(batches, at, changed)
+        return batches
+
+    job = {"filters": {"event_types": ["track"]}, "userpilot_files": []}
+    whole = _prepare(tmp_path, "whole", monkeypatch, bad_rows, 10**9, **job)
+    counting = Counting(monkeypatch)
+    sliced = _prepare(tmp_path, "sliced", monkeypatch, bad_rows, SLICE, **job)
+    error = sliced.prepared[PARTITION]
+    assert isinstance(error, ValidationError)
+    assert counting.slices > 0
+    assert str(error) == str(whole.prepared[PARTITION])
+    counted = int(re.search(r"failed equal_to\(NX-demo0001\): (\d+) value", str(error)).group(1))
+    assert counted == sum(changed) > max(changed), (changed, str(error))  # the group's count, not one slice's

@@ -58,8 +58,9 @@ def replace_method(cls, name: str, replacement, marker: str, needed) -> bool:
     already is, or ``needed(cls)`` is false or fails (a Dagster whose code is not the one replaced).
     Returns True when replaced by this call. Shared by the modules of ``defs/`` that replace one
     method of Dagster's."""
-    if getattr(getattr(cls, name), marker, False):
-        return False
+    current = getattr(cls, name, None)
+    if current is None or getattr(current, marker, False):
+        return False  # a Dagster without the method: nothing to replace
     try:
         if not needed(cls):
             return False

@@ -134,7 +134,7 @@ def apply() -> bool:
         (SqliteEventLogStorage, "_connect", _connect, _FIXED, creates_engine_per_connection),
         (SqliteRunStorage, "connect", _run_connect, _FIXED_RUNS, creates_run_engine_per_connection),
     ):
-        original = getattr(cls, method)
+        original = getattr(cls, method, None)
         if replace_method(cls, method, replacement, marker, needed):
             replaced[f"{cls.__name__}.{method}"] = original
             installed = True
