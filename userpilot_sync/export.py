@@ -634,8 +634,7 @@ def prepare_small_exports(job: SyncJob, event_type: str, items: list[tuple[Stage
                 raise ValueError(f"sync job {job.name!r}, partition {staged.partition}, event type "
                                  f"{event_type!r}: {len(groups)} groups of hours are not a small export")
             try:
-                read.append(preparer._read_group(groups[0]) if groups else None)
-                preparer.reader.close()
+                read.append(preparer._read_group(groups[0]) if groups else None)  # closes its files
             except ValidationError as exc:  # ids that clash: this export is refused, the others go on
                 preparer.abort()
                 results[i] = exc

@@ -440,7 +440,7 @@ def prepare_days(job: SyncJob, staged: Iterable[StagedDay], *, threads: int | No
     # VALIDATION_ROWS staged rows (so under twice that), and are validated with one pandera call
     # (export.prepare_small_exports): the same files and errors as one by one, without ~40 ms of
     # pandera per export and day.
-    tasks: list[tuple[int, list[StagedDay], str]] = []
+    tasks: list[tuple[int, list[StagedDay], str, bool]] = []  # (staged rows, days, event type, small)
     batches: dict[str, tuple[int, list[StagedDay]]] = {}
     for day in staged:
         if day.error:
@@ -449,21 +449,21 @@ def prepare_days(job: SyncJob, staged: Iterable[StagedDay], *, threads: int | No
         for et in job.event_types:
             rows = day.rows_by_event_type.get(et, 0)
             if not export_module.is_small_export(day, et):
-                tasks.append((rows, [day], et))
+                tasks.append((rows, [day], et, False))
                 continue
             total, days = batches.get(et, (0, []))
             total, days = total + rows, days + [day]
             if total >= export_module.VALIDATION_ROWS:
-                tasks.append((total, days, et))
+                tasks.append((total, days, et, True))
                 total, days = 0, []
             batches[et] = (total, days)
-    tasks += [(total, days, et) for et, (total, days) in batches.items() if days]
+    tasks += [(total, days, et, True) for et, (total, days) in batches.items() if days]
     # largest first: the longest task starts at once and the small ones fill the other threads
     tasks.sort(key=lambda t: -t[0])
 
     def run(task) -> list:
-        _, days, et = task
-        if len(days) == 1 and not export_module.is_small_export(days[0], et):
+        _, days, et, small = task
+        if not small:
             try:
                 return [prepare_export(days[0], job, et, days[0].root / "prepared" / et, keep_rows=et in keep)]
             except ValidationError as exc:
