@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from userpilot_sync.config.model import SyncJob
 from userpilot_sync.destination.factory import build_storage
@@ -266,7 +266,7 @@ class _EarlyPreparation:
 
 
 def stage_and_prepare(job: SyncJob, days: list[date], staging_root: Path, source: EventSource | None = None, *,
-                      threads: int | None = None) -> StagedAndPrepared:
+                      threads: int | None = None, on_extracted: Callable[[], None] | None = None) -> StagedAndPrepared:
     """Extract and stage ``days`` (:func:`extract_and_stage`) and prepare every event type of every
     day (:func:`prepare_days`), overlapping the two: while the source is still read, the staged hours
     it has moved past are filtered, de-duplicated, ordered, validated and encoded on the thread pool
@@ -274,6 +274,10 @@ def stage_and_prepare(job: SyncJob, days: list[date], staging_root: Path, source
     as :func:`prepare_days` — the encoded files are byte for byte the same. A source that delivers
     rows into an hour already prepared (not in time order) costs that (day, event type) a second
     preparation after staging (listed in ``redone``), never a different result.
+
+    ``on_extracted`` is called once, with no arguments, as soon as the source has been read to its end
+    and staged (before the exports are prepared): the export step frees the app token's pool slot
+    there. It is not called when extraction or staging fails.
 
     Returns :class:`StagedAndPrepared`; errors as :func:`extract_and_stage` and :func:`prepare_days`.
     Nothing of the days is left in staging when an error is raised. Unless ``USERPILOT_SYNC_EARLY_PREPARE=1``
@@ -283,6 +287,8 @@ def stage_and_prepare(job: SyncJob, days: list[date], staging_root: Path, source
     if not early_prepare_enabled():
         staged = extract_and_stage(job, days, staging_root, source)
         t1 = time.perf_counter()
+        if on_extracted is not None:
+            on_extracted()
         prepared = prepare_days(job, [staged[d.isoformat()] for d in days], threads=threads)
         return StagedAndPrepared(staged, prepared, staging_s=round(t1 - t0, 3),
                                  after_staging_s=round(time.perf_counter() - t1, 3))
@@ -307,6 +313,8 @@ def stage_and_prepare(job: SyncJob, days: list[date], staging_root: Path, source
                               exclude_columns=job.filters.exclude_columns, watch=early,
                               rows_per_group=export_module.VALIDATION_ROWS, publish=False)
             t1 = time.perf_counter()
+            if on_extracted is not None:
+                on_extracted()
             early.staged()
             early.wait()
             result = _finish_early(job, area.days, early, keep, pool)

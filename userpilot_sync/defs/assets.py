@@ -11,9 +11,12 @@ holds the whole day. The step, for its day or backfill range:
 1. refuses what may not be exported (disabled sync job, days outside the 365-day window, a changed
    destination, GCS ``overwrite: refuse``) — nothing written;
 2. takes the per-day locks (``locks.py``; ascending days, bounded wait, held for this step only)
-   — the step already holds the app token's pool slot, so a lock holder is always inside its
-   export step and no two runs can wait on each other;
-3. extracts the range once and stages it per day; prepares (filters, de-duplicates, orders,
+   — the step already holds the app token's pool slot, so a run waits for a lock only while it
+   holds the slot, and a lock holder that freed the slot waits for nothing more: no two runs can
+   wait on each other;
+3. extracts the range once and stages it per day, then frees the app token's pool slot (after the
+   user and company snapshots when the sync job writes them: :class:`_PoolSlot`), so the app
+   token's next run extracts while this one goes on; prepares (filters, de-duplicates, orders,
    validates) every event type of every day before anything uploads;
 4. yields ``raw_events`` (records only), each export (the :class:`ExportIOManager` writes it; on a
    re-export of a day it first overwrites the day's manifest with ``status: replacing``) and the
@@ -290,7 +293,12 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
     days = plan.days
     # extract and stage the range; every event type of every day is prepared (up to one thread per
     # core) while the source is still read, hours once the source moved past them; a day fails as a whole
-    both = stage_and_prepare(job, [parse_partition(pk) for pk in days], staging.path, source=source.event_source())
+    slot = _PoolSlot(context, job, _label(days))
+    # the slot is freed once the source was read, unless the snapshots may read it again (rebuilding
+    # their state) or must follow the run before (the snapshot chain): then after they are computed
+    keep_slot = bool(set(job.userpilot_files) & SNAPSHOT_FILES)
+    both = stage_and_prepare(job, [parse_partition(pk) for pk in days], staging.path, source=source.event_source(),
+                             on_extracted=None if keep_slot else slot.free)
     staged = both.staged
     pause_point("staged")
     context.log.info(f"sync job {job.name!r}, {_label(days)}: staged in {both.staging_s:.1f} s; "
@@ -328,6 +336,7 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
         failed[pk] = str(error)
     # Userpilot's documented files (snapshots, feature tags): computed and validated before upload
     documented, store = _documented_files(context, keys, staging, source, ledger, staged, prepared, failed)
+    slot.free()
     not_exported = {**{pk: (STATUS_REFUSED, r) for pk, r in plan.refused.items()},
                     **{pk: (STATUS_FAILED, r) for pk, r in failed.items()}}
     if not prepared:  # nothing of the run can be written
@@ -434,6 +443,48 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
                     log=context.log.warning)
     if failed:
         raise _summary_failure(job.name, list(context.partition_keys), not_exported, exported=sorted(manifests))
+
+
+#: Userpilot's documented files whose computation may read the source again (rebuilding the snapshot
+#: state store) and continues the run before it (each day's snapshot starts from the day before).
+SNAPSHOT_FILES = frozenset({"all_users", "all_companies"})
+
+
+class _PoolSlot:
+    """The app token's pool slot (``userpilot_export_<app token>``, limit 1) this export step holds.
+
+    Dagster claims it before the step body runs and would free it only when the step ends, but the
+    pool exists for the Bulk Data Export API (one export job per app token; a second gets 409
+    Conflict). :meth:`free` gives it back as soon as the step no longer reads the source — after
+    extraction and staging, or after the snapshots when the sync job writes them — so the next run
+    of the app token (a backfill's next range, the daily run) extracts while this one prepares,
+    uploads and records its days. This run keeps its day locks until its step ends; a run that
+    waits for one of them holds the slot, but the holder needs nothing more, so no two runs can wait
+    on each other. Freeing twice, or a slot Dagster already freed, changes nothing.
+    """
+
+    def __init__(self, context: dg.AssetExecutionContext, job, label: str):
+        self.context, self.job, self.label = context, job, label
+        self.freed = False
+
+    def free(self) -> None:
+        """Free this step's slot now (never raises: on an error the slot is freed when the step ends)."""
+        if self.freed:
+            return
+        self.freed = True
+        storage = self.context.instance.event_log_storage
+        try:
+            if not storage.supports_global_concurrency_limits:
+                return
+            step_key = self.context.get_step_execution_context().step.key
+            storage.free_concurrency_slot_for_step(self.context.run_id, step_key)
+        except Exception as exc:  # the slot stays claimed until Dagster frees it at the step's end
+            self.context.log.warning(f"sync job {self.job.name!r}, {self.label}: could not free the pool slot of "
+                                     f"{self.job.pool!r} early ({type(exc).__name__}: {exc}); it is freed when "
+                                     f"the step ends")
+            return
+        self.context.log.info(f"sync job {self.job.name!r}, {self.label}: done with the source; pool slot of "
+                              f"{self.job.pool!r} freed for the app token's next run (this run keeps its day locks)")
 
 
 def _features_events(job, source: SourceResource):
