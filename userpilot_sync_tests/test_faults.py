@@ -287,7 +287,9 @@ def test_a_cli_run_killed_at_a_pause_point_is_recovered_by_the_next_run(case, tm
                     "export": "re-export" if case.reexport else "first export", "manifest_at_kill": manifest_at_kill,
                     "worker_killed": "the CLI process", "recovery_s": round(recovery_s, 1),
                     "dead_run_marked_failed_by": "userpilot_sync recovery in the CLI, before its run",
-                    "pool_slot_freed_by": "userpilot_sync recovery in the CLI, before its run",
+                    "pool_slot_freed_by": ("the run itself, done with the source before the kill"
+                                           if case.point in ("uploading", "multipart", "before_manifest")
+                                           else "userpilot_sync recovery in the CLI, before its run"),
                     "leftovers_at_kill": at_kill, "cleanup_logged": cleanup, **result})
 
 
@@ -395,8 +397,11 @@ class DaemonCells:
 
 
     def _slot_freed_by(self, victim: str, killed_wall: float, cli_stderr: str | None = None) -> str:
-        """Who freed the pool slot the killed run held: the CLI's recovery before its run, the
-        ``userpilot_run_recovery`` sensor, or Dagster's run monitoring (whichever came first)."""
+        """Who freed the pool slot the killed run held: the run itself once it was done with the
+        source (before the kill), the CLI's recovery before its run, the ``userpilot_run_recovery``
+        sensor, or Dagster's run monitoring (whichever came first)."""
+        if any("done with the source; pool slot" in m for m in self.dev.messages(victim)):
+            return "the run itself, done with the source before the kill"
         if cli_stderr is not None and "recovered from dead runs" in cli_stderr and victim in cli_stderr:
             return "userpilot_sync recovery in the CLI, before its run"
         ticks = [t for t in self.dev.sensor_ticks("userpilot_run_recovery", limit=20)
