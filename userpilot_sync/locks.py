@@ -228,6 +228,41 @@ class PostgresLockBackend:
             return {name[len(RUN_SESSION_PREFIX):] for (name,) in cur.fetchall()}
 
 
+def wait_until_free(
+    backend: LockBackend,
+    sync_job: str,
+    partitions: Iterable[str],
+    *,
+    owner: str = "",
+    wait_s: float | None = None,
+    poll_s: float = 0.5,
+    on_wait=None,
+) -> list[str]:
+    """Wait until no other run holds the lock of any of ``partitions``: each lock is taken and
+    released at once, in ascending order, so the caller never holds more than one of them (it can
+    never be part of a wait cycle). ``wait_s`` bounds the whole wait (default
+    :data:`PARTITION_LOCK_WAIT_S`); ``on_wait(partition)`` is called once per partition waited for.
+    Returns the partitions still held by another run when the wait ran out (empty: all were free)."""
+    wait = PARTITION_LOCK_WAIT_S if wait_s is None else wait_s
+    deadline = time.monotonic() + wait
+    busy: list[str] = []
+    for partition in sorted(set(partitions)):
+        announced = False
+        while True:
+            handle = backend.try_acquire(sync_job, partition, owner)
+            if handle is not None:
+                backend.release(handle)
+                break
+            if not announced and on_wait is not None:
+                on_wait(partition)
+                announced = True
+            if time.monotonic() >= deadline:
+                busy.append(partition)
+                break
+            time.sleep(poll_s)
+    return busy
+
+
 @contextlib.contextmanager
 def partition_locks(
     backend: LockBackend,

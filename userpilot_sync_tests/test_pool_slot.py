@@ -2,9 +2,10 @@
 
 Real CLI processes on one ``DAGSTER_HOME`` with ``deploy/dagster.yaml`` (pool limit 1): a run
 paused at the ``staged`` pause point (its days extracted, staged and prepared, nothing uploaded)
-has given the slot back, so the app token's next run exports another day to the end while the
-first still holds its day; the first is then killed with SIGKILL and its re-run completes the day,
-byte for byte the clean reference. A sync job that writes the user and company snapshots keeps
+has given the slot back, so the app token's next runs export other days while the first still
+holds its day: an earlier day to its end, the next day up to its checks, which wait for the day
+before to be exported (or its run gone) because they compare with it. The first is then killed with
+SIGKILL and its re-run completes the day, byte for byte the clean reference. A sync job that writes the user and company snapshots keeps
 the slot until they are computed (they may read the source again and continue the run before).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -36,7 +38,7 @@ from userpilot_sync_tests.fixtures_faults import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-DAY, NEXT_DAY = (d.isoformat() for d in last_complete_days(12)[2:4])
+EARLIER_DAY, DAY, NEXT_DAY = (d.isoformat() for d in last_complete_days(12)[2:5])
 
 
 def _claimed(home, pool: str) -> list[str]:
@@ -90,25 +92,48 @@ def _kill(proc, pid) -> None:
 
 def test_the_next_run_of_the_app_token_exports_while_a_run_past_its_extraction_still_writes(tmp_path):
     job, env, home, proc, pid = _paused_run(tmp_path, "slot_free", "31001", userpilot_files=[])
+    view = view_of(job)
+    follower = None
     try:
         assert _claimed(home, job.pool) == []  # freed after staging, while the run still holds its day
-        # the next run of the app token (another day) runs to its end meanwhile; with the slot held
-        # until the paused step ended, it would wait for it for as long as the first run lives
-        other, took = run_cli(cli_sync(job.name, NEXT_DAY), env, timeout=240)
+        # an earlier day runs to its end meanwhile; with the slot held until the paused step ended,
+        # it would wait for the slot for as long as the paused run lives
+        other, _ = run_cli(cli_sync(job.name, EARLIER_DAY), env, timeout=240)
         assert other.returncode == 0, other.stderr[-3000:]
-        assert f"partition {NEXT_DAY} ok" in other.stdout, other.stdout[-2000:]
-        assert proc.poll() is None, "the paused run ended"
-        # the paused run said so in its log, before its first upload
-        assert sorted(len(v) for v in _freed_lines(home).values() if v) == [1, 1]
+        assert f"partition {EARLIER_DAY} ok" in other.stdout, other.stdout[-2000:]
+        # the next day exports its files and manifest too, then waits to evaluate its checks (they
+        # compare with the day before, which the paused run still holds) until that run is gone
+        err = tmp_path / "next.stderr"
+        with open(err, "w") as out:
+            follower = subprocess.Popen(cli_sync(job.name, NEXT_DAY), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                        stderr=out, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while view.check_manifest(NEXT_DAY) != "complete":
+                assert follower.poll() is None, err.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the next day's export did not finish while the run paused"
+                time.sleep(0.5)
+            time.sleep(3)
+            assert follower.poll() is None, "the next day's checks did not wait for the day before"
+            assert proc.poll() is None, "the paused run ended"
+            # the paused run said so in its log before its first upload; so did the earlier day's run
+            assert sorted(len(v) for v in _freed_lines(home).values() if v) == [1, 1, 1]
+        finally:
+            _kill(proc, pid)
+        out, _ = follower.communicate(timeout=240)
+        assert follower.returncode == 0, err.read_text()[-3000:]
+        assert f"partition {NEXT_DAY} ok" in out
     finally:
-        _kill(proc, pid)
+        _kill(proc, pid) if proc.poll() is None else None
+        if follower is not None and follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+            follower.wait()
 
-    view = view_of(job)
     assert view.manifest(DAY) is None  # killed before its first upload: nothing of DAY written
     again, _ = run_cli(cli_sync(job.name, DAY), env)  # the same command again, no manual step
     assert again.returncode == 0, again.stderr[-3000:]
     assert "recovered from dead runs: marked failed (process gone)" in again.stderr, again.stderr[-2000:]
-    for pk in (DAY, NEXT_DAY):
+    for pk in (EARLIER_DAY, DAY, NEXT_DAY):
         reference = reference_export(job, pk, tmp_path / f"reference_{pk}")
         assert view.check_manifest(pk) == "complete"
         assert {name: sha256(data) for name, data in view.day_files(pk).items()} == reference.hashes

@@ -56,7 +56,7 @@ from userpilot_sync.destination.manifest import rows_by_event_type
 from userpilot_sync.destination.superseded import superseded_paths
 from userpilot_sync.errors import DestinationError, UserpilotSyncError, ValidationError, WindowError
 from userpilot_sync.faults import pause_point
-from userpilot_sync.locks import PostgresLockBackend
+from userpilot_sync.locks import PostgresLockBackend, wait_until_free
 from userpilot_sync.guards import (
     ALLOW_SHRINK_TAG,
     allows_shrink,
@@ -120,6 +120,15 @@ def _plan(context: dg.AssetExecutionContext, keys: SyncJobKeys, ledger: Ledger) 
     except DestinationError as exc:
         raise failure(job.name, label, str(exc)) from None
     days = [pk for pk in partitions if pk not in refused]
+    _refuse_reexports(context, keys, ledger, days)
+    return _Plan(days, refused)
+
+
+def _refuse_reexports(context: dg.AssetExecutionContext, keys: SyncJobKeys, ledger: Ledger, days: list[str]) -> None:
+    """GCS ``overwrite: refuse``: raise dg.Failure if one of ``days`` was exported before. Checked
+    before the day locks (a quick refusal) and again once they are held (another run may have
+    finished exporting one of the days while this run waited for its lock)."""
+    job = keys.job
     dest = job.destination
     if dest.kind == "gcs" and dest.overwrite == "refuse":
         for pk in days:
@@ -129,7 +138,6 @@ def _plan(context: dg.AssetExecutionContext, keys: SyncJobKeys, ledger: Ledger) 
                     "this partition was exported before and destination.overwrite is 'refuse' (a "
                     "roles/storage.objectCreator credential cannot replace objects). Grant the custom role with "
                     "storage.objects.delete and set overwrite: overwrite to re-export. Nothing was written.")
-    return _Plan(days, refused)
 
 
 DOCUMENTED_DESCRIPTIONS = {
@@ -280,7 +288,8 @@ def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys)
 
     try:
         staging.hold_days(job, days, owner=context.run_id, on_wait=waiting, log=context.log.warning, backend=backend)
-        yield from _export_locked(context, keys, staging, source, ledger, plan)
+        _refuse_reexports(context, keys, ledger, days)
+        yield from _export_locked(context, keys, staging, source, ledger, plan, backend)
     except UserpilotSyncError as exc:  # lock timeout, source errors: nothing was written
         raise failure(job.name, _label(days), str(exc)) from None
     finally:
@@ -288,7 +297,7 @@ def _export_days_unguarded(context: dg.AssetExecutionContext, keys: SyncJobKeys)
 
 
 def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging: StagingResource, source: SourceResource,
-                   ledger: Ledger, plan: _Plan) -> Iterator:
+                   ledger: Ledger, plan: _Plan, backend) -> Iterator:
     job = keys.job
     days = plan.days
     # extract and stage the range; every event type of every day is prepared (up to one thread per
@@ -349,14 +358,13 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
         raise _summary_failure(job.name, list(context.partition_keys), not_exported, exported=[])
 
     # raw events: one record per day
-    previous_rows = ledger.rows_received((parse_partition(days[0]) - timedelta(days=1)).isoformat())
-    empty_checks = []
+    received: list[tuple[str, int | None, bool]] = []  # (day, rows received, exported) for the emptiness check
     for pk in context.partition_keys:
         if pk not in staged:
             status, reason = not_exported[pk]
             context.add_asset_metadata(record_metadata(job, status, reason=reason), asset_key=keys.raw_events,
                                        partition_key=pk)
-            previous_rows = None
+            received.append((pk, None, False))
             continue
         day = staged[pk]
         status = STATUS_EXPORTED if pk in prepared else STATUS_FAILED
@@ -370,8 +378,7 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
         if pk in failed:
             metadata["reason"] = failed[pk]
         context.add_asset_metadata(metadata, asset_key=keys.raw_events, partition_key=pk)
-        empty_checks.append(checks.not_unexpectedly_empty(keys, pk, day.rows_received, previous_rows))
-        previous_rows = day.rows_received if pk in prepared else None
+        received.append((pk, day.rows_received, pk in prepared))
     yield dg.Output(None, output_name="raw_events")
 
     # re-exported days: a 'replacing' manifest goes out before the first file of the day is replaced
@@ -411,8 +418,16 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
                                      documented=documented.get(pk))
     yield dg.Output(ManifestBatch(manifests, not_exported, replacing=replacing), output_name="manifest")
 
-    # checks: one evaluation per check and day
-    evaluations = list(empty_checks)
+    # checks: one evaluation per check and day. They compare with earlier days (the day before, the
+    # volume baseline): wait until no other run is still exporting one of those (a run that freed the
+    # app token's pool slot may be), so a check never depends on how two runs happened to overlap
+    _wait_for_earlier_days(context, keys, staging, backend, days[0])
+    evaluations = []
+    previous_rows = ledger.rows_received((parse_partition(days[0]) - timedelta(days=1)).isoformat())
+    for pk, rows, exported in received:
+        if rows is not None:
+            evaluations.append(checks.not_unexpectedly_empty(keys, pk, rows, previous_rows))
+        previous_rows = rows if exported else None
     for et in job.event_types:
         baselines = _baselines(ledger, job, et, list(context.partition_keys),
                                {pk: prepared[pk][et].rows for pk in prepared})
@@ -445,6 +460,27 @@ def _export_locked(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging
         raise _summary_failure(job.name, list(context.partition_keys), not_exported, exported=sorted(manifests))
 
 
+def _wait_for_earlier_days(context: dg.AssetExecutionContext, keys: SyncJobKeys, staging: StagingResource,
+                           backend, first: str) -> None:
+    """Wait (at most ``lock_wait_s``) until no other run holds a day lock of the days the checks
+    look back on (the volume baseline's ``2 × baseline_days`` days before ``first``, the day before
+    included); after that the checks use what is recorded, and the log says which days were still
+    being exported."""
+    job = keys.job
+    start = parse_partition(first)
+    lookback = [(start - timedelta(days=i)).isoformat() for i in range(max(2 * job.checks.volume.baseline_days, 1), 0, -1)]
+
+    def waiting(pk: str) -> None:
+        context.log.info(f"sync job {job.name!r}: waiting for the run exporting partition {pk} to finish before "
+                         f"evaluating the checks (they compare with earlier days)")
+
+    busy = wait_until_free(backend, job.name, lookback, owner=f"{context.run_id}:checks",
+                           wait_s=staging.lock_wait_s, on_wait=waiting)
+    if busy:
+        context.log.warning(f"sync job {job.name!r}: partitions {', '.join(busy)} were still being exported by another "
+                            f"run after {staging.lock_wait_s:.0f} s; the checks compare with what was recorded so far")
+
+
 #: Userpilot's documented files whose computation may read the source again (rebuilding the snapshot
 #: state store) and continues the run before it (each day's snapshot starts from the day before).
 SNAPSHOT_FILES = frozenset({"all_users", "all_companies"})
@@ -458,9 +494,11 @@ class _PoolSlot:
     Conflict). :meth:`free` gives it back as soon as the step no longer reads the source — after
     extraction and staging, or after the snapshots when the sync job writes them — so the next run
     of the app token (a backfill's next range, the daily run) extracts while this one prepares,
-    uploads and records its days. This run keeps its day locks until its step ends; a run that
-    waits for one of them holds the slot, but the holder needs nothing more, so no two runs can wait
-    on each other. Freeing twice, or a slot Dagster already freed, changes nothing.
+    uploads and records its days (the lookups the feature-tag files read later are not export jobs).
+    This run keeps its day locks until its step ends; a run that waits for one of them holds the
+    slot, but the holder waits for nothing but earlier days' locks (before its checks, without
+    holding any of them), so no two runs can wait on each other. Freeing twice, or a slot Dagster
+    already freed, changes nothing.
     """
 
     def __init__(self, context: dg.AssetExecutionContext, job, label: str):

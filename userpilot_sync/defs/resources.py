@@ -86,7 +86,7 @@ class StagingResource(dg.ConfigurableResource):
         backend = backend or self.lock_backend()
         stack.enter_context(partition_locks(backend, job.name, days, owner=owner,
                                             wait_s=self.lock_wait_s, on_wait=on_wait))
-        stack.callback(clean_staging, self.path, job, days)
+        stack.callback(clean_staging, self.path, job, days, backend=backend, owner=owner)
         self._held = stack
         probes: list = []
 
@@ -117,9 +117,13 @@ class StagingResource(dg.ConfigurableResource):
         self.release_days()
 
 
-def clean_staging(root: Path, job: SyncJob, days: list[str]) -> None:
+def clean_staging(root: Path, job: SyncJob, days: list[str], *, backend: LockBackend | None = None,
+                  owner: str = "") -> None:
     """Remove a run's staged days (raw events are personal data), or — with ``keep_staging_days`` —
-    the staged days older than that many days before the newest day of the run."""
+    the staged days older than that many days before the newest day of the run. A staged day of
+    another run is removed only while its day lock is free (taken by ``owner`` for the removal, with
+    ``backend``): a run that freed the app token's pool slot may still be preparing or uploading an
+    older day."""
     keep = job.keep_staging_days
     if keep == 0:
         for pk in days:
@@ -134,8 +138,18 @@ def clean_staging(root: Path, job: SyncJob, days: list[str]) -> None:
             stale = parse_partition(folder.name) < cutoff
         except ValueError:
             continue
-        if stale:
+        if not stale:
+            continue
+        if folder.name in days or backend is None:
             remove_staged(root, job.name, folder.name)
+            continue
+        handle = backend.try_acquire(job.name, folder.name, f"{owner}:cleanup")
+        if handle is None:  # another run is exporting that day: it removes its own staging
+            continue
+        try:
+            remove_staged(root, job.name, folder.name)
+        finally:
+            backend.release(handle)
 
 
 @lru_cache(maxsize=64)
