@@ -5,7 +5,9 @@ objects, so they must not overlap, however they were launched (UI, backfill, sch
 CLI). The lock is taken inside the run and held only while the run exports the day
 (:func:`partition_locks` is a context manager), so a run never keeps a day locked after its step
 ends, and two runs can never wait on each other in a cycle: every holder is inside its export
-step, and days of a range are always locked in ascending order.
+step, days of a range are locked all or none (a run that waits for a day holds none of the
+others), and the only other wait, before a run's checks (:func:`wait_until_free`), is for earlier
+days than the run's own, holding none of them.
 
 Backends (the same two methods, :class:`LockBackend`):
 
@@ -276,32 +278,45 @@ def partition_locks(
 ) -> Iterator[None]:
     """Hold the locks of ``partitions`` (ascending order) for the ``with`` block, for ``owner``.
 
+    All or none: when one of them is held by another run, the locks taken so far are released
+    again and the run waits holding none of them, then starts over. So a waiting run never holds a
+    day another run may wait for (a run past its extraction waits for earlier days before its
+    checks, :func:`wait_until_free`; with partial holds, two runs of overlapping ranges could wait
+    on each other until a timeout).
+
     Waits up to ``wait_s`` seconds in all (default :data:`PARTITION_LOCK_WAIT_S`) for runs that
-    hold one of them; ``on_wait(partition)`` is called once when a wait starts (to log what the
-    run waits for). Raises :class:`LockTimeout` naming the sync job and partition when the wait
-    runs out; locks already taken are released again.
+    hold one of them; ``on_wait(partition)`` is called once per partition waited for (to log what
+    the run waits for). Raises :class:`LockTimeout` naming the sync job and partition when the wait
+    runs out, holding none of the locks.
     """
     wait = PARTITION_LOCK_WAIT_S if wait_s is None else wait_s
     deadline = time.monotonic() + wait
     held: list[object] = []
+    announced: set[str] = set()
     try:
-        for partition in sorted(set(partitions)):
-            announced = False
-            while True:
+        while True:
+            blocked = None
+            for partition in sorted(set(partitions)):
                 handle = backend.try_acquire(sync_job, partition, owner)
-                if handle is not None:
-                    held.append(handle)
+                if handle is None:
+                    blocked = partition
                     break
-                if not announced and on_wait is not None:
-                    on_wait(partition)
-                    announced = True
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(
-                        f"sync job {sync_job!r}, partition {partition}: another run is exporting this partition; "
-                        f"waited {wait:.0f} s for it. Retry when that run has finished (runs of one partition never "
-                        f"interleave). Nothing was written."
-                    )
-                time.sleep(poll_s)
+                held.append(handle)
+            if blocked is None:
+                break
+            for handle in reversed(held):
+                backend.release(handle)
+            held.clear()
+            if blocked not in announced and on_wait is not None:
+                on_wait(blocked)
+                announced.add(blocked)
+            if time.monotonic() >= deadline:
+                raise LockTimeout(
+                    f"sync job {sync_job!r}, partition {blocked}: another run is exporting this partition; "
+                    f"waited {wait:.0f} s for it. Retry when that run has finished (runs of one partition never "
+                    f"interleave). Nothing was written."
+                )
+            time.sleep(poll_s)
         yield
     finally:
         for handle in reversed(held):

@@ -101,3 +101,37 @@ def test_kept_staging_of_a_day_another_run_still_exports_is_not_removed(tmp_path
         assert sorted(p.name for p in (tmp_path / "demo").glob("????-??-??")) == ["2026-01-01", "2026-01-05"]
     finally:
         holder.kill()
+
+
+def test_a_run_waiting_for_one_day_of_its_range_holds_none_of_the_others(tmp_path):
+    import threading
+
+    backend = FileLockBackend(tmp_path)
+    days = ["2026-01-01", "2026-01-02", "2026-01-03"]
+    holder = lock_holder(backend.path("demo", "2026-01-02"), 30)
+    entered = threading.Event()
+    waited_for: list[str] = []
+
+    held_all: list[bool] = []
+
+    def run():
+        with partition_locks(backend, "demo", days, owner="run-1", wait_s=20, poll_s=0.1, on_wait=waited_for.append):
+            held_all.append(all(_locked_elsewhere(backend.path("demo", d)) for d in days))
+            entered.set()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not waited_for:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for _ in range(5):  # while it waits, the day before the busy one is free for other runs
+            assert not _locked_elsewhere(backend.path("demo", "2026-01-01"))
+            time.sleep(0.1)
+        assert not entered.is_set() and waited_for == ["2026-01-02"]
+    finally:
+        holder.kill()
+        holder.wait()
+    worker.join(20)
+    assert entered.is_set() and held_all == [True] and not any(_locked_elsewhere(backend.path("demo", d)) for d in days)
