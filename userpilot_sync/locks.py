@@ -307,16 +307,14 @@ def partition_locks(
             for handle in reversed(held):
                 backend.release(handle)
             held.clear()
-            if blocked not in announced and on_wait is not None:
-                on_wait(blocked)
-                announced.add(blocked)
-            if time.monotonic() >= deadline:
+            if wait_until_free(backend, sync_job, [blocked], owner=owner, wait_s=max(0.0, deadline - time.monotonic()),
+                               poll_s=poll_s, on_wait=None if blocked in announced else on_wait):
                 raise LockTimeout(
                     f"sync job {sync_job!r}, partition {blocked}: another run is exporting this partition; "
                     f"waited {wait:.0f} s for it. Retry when that run has finished (runs of one partition never "
                     f"interleave). Nothing was written."
                 )
-            time.sleep(poll_s)
+            announced.add(blocked)
         yield
     finally:
         for handle in reversed(held):

@@ -117,8 +117,7 @@ class StagingResource(dg.ConfigurableResource):
         self.release_days()
 
 
-def clean_staging(root: Path, job: SyncJob, days: list[str], *, backend: LockBackend | None = None,
-                  owner: str = "") -> None:
+def clean_staging(root: Path, job: SyncJob, days: list[str], *, backend: LockBackend, owner: str = "") -> None:
     """Remove a run's staged days (raw events are personal data), or — with ``keep_staging_days`` —
     the staged days older than that many days before the newest day of the run. A staged day of
     another run is removed only while its day lock is free (taken by ``owner`` for the removal, with
@@ -140,7 +139,7 @@ def clean_staging(root: Path, job: SyncJob, days: list[str], *, backend: LockBac
             continue
         if not stale:
             continue
-        if folder.name in days or backend is None:
+        if folder.name in days:  # held by this run
             remove_staged(root, job.name, folder.name)
             continue
         handle = backend.try_acquire(job.name, folder.name, f"{owner}:cleanup")
