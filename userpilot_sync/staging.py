@@ -18,8 +18,11 @@ every row is appended, as part of one record batch per (day, event type, hour) a
 to the IPC writer of its (day, event type). At most ``MAX_OPEN_WRITERS`` writers are open at once
 (least recently used are closed; a (day, event type) written again gets another file), so a range
 of many days stages with bounded memory and file handles. The source is read one batch ahead in a
-background thread (``PREFETCH_BATCHES``), so decoding the next batch overlaps staging this one.
-Memory holds a few source batches at a time plus the writers' buffers; never a whole day.
+background thread (``PREFETCH_BATCHES``); groups of source batches are normalised and split per
+(day, event type, hour) on ``stage_threads()`` threads (two groups at a time by default), and one
+thread appends their parts to the staged files in source order, so the staged files are the same
+for any number of threads. Memory holds a few source groups at a time plus the writers' buffers;
+never a whole day.
 
 A day whose events break the schema while staging (an unknown ``event_type``) is marked failed
 (``StagedDay.error``) and its other events are still staged; in a one-day extraction the error
@@ -36,11 +39,12 @@ import queue
 import shutil
 import threading
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import polars as pl
 import pyarrow as pa
@@ -80,6 +84,8 @@ PREFETCH_BATCHES = 1
 #: Consecutive small source batches (e.g. the demo source's 15-minute blocks) are staged together
 #: up to this many rows: normalising and bucketing cost a lot per batch, little per row.
 COALESCE_ROWS = 65_536
+#: Environment variable: threads that normalise and split source groups while staging (``stage_threads``).
+STAGE_THREADS_ENV = "USERPILOT_SYNC_STAGE_THREADS"
 
 
 def ipc_write_options() -> pa.ipc.IpcWriteOptions:
@@ -451,6 +457,69 @@ def _large_strings(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_type(pa.large_string()) if f.type == pa.string() else f for f in schema])
 
 
+@dataclass
+class _Bucketed:
+    """One normalised source group split for staging (``stage_days``): ``parts`` are ``(day,
+    event type, hour, Arrow table)`` in the group's order, ``errors`` ``(partition, message)`` for
+    events of an unknown event type; ``oldest`` is the group's oldest ``inserted_at`` in the window."""
+
+    report: NormalizeReport
+    rows: int
+    outside: int = 0
+    oldest: datetime | None = None
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    parts: list[tuple[date, str, int, pa.Table]] = field(default_factory=list)
+
+
+def stage_threads() -> int:
+    """Threads normalising and splitting source groups while staging: ``USERPILOT_SYNC_STAGE_THREADS``,
+    else 2 (at most the machine's cores). Output does not depend on it."""
+    value = os.environ.get(STAGE_THREADS_ENV, "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ValueError(f"{STAGE_THREADS_ENV}={value!r} is not a whole number of threads") from None
+        if threads < 1:
+            raise ValueError(f"{STAGE_THREADS_ENV}={value!r}: use 1 or more threads")
+        return threads
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], *, threads: int) -> Iterator[Any]:
+    """``fn(item)`` for each item, computed on ``threads`` threads (at most ``threads`` items at once),
+    yielded in the items' order. ``fn``'s errors are raised here in order; items after a failing one
+    are not yielded. Closing the iterator early waits for the calls already running (each is one
+    bounded group) and starts no more."""
+    if threads <= 1:
+        yield from _prefetched(map(fn, items), name="userpilot_sync-normalize")
+        return
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="userpilot_sync-normalize")
+    pending: deque = deque()
+    iterator = iter(items)
+    try:
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            except Exception:
+                # the items' own error (e.g. the source failing) comes after the items before it, as
+                # in one thread: their results (and errors) first
+                while pending:
+                    yield pending.popleft().result()
+                raise
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def stage_days(
     extraction: Extraction,
     *,
@@ -509,70 +578,97 @@ def stage_days(
                 f"sync job {sync_job!r}, partition {label}, {where}: cannot read records ({exc})"
             ) from None
 
-    def stage(frame: pl.DataFrame, report: NormalizeReport, where: str) -> None:
-        nonlocal outside, unknown_columns, computed_ids
-        unknown_columns |= report.unknown_columns
-        computed_ids += report.computed_ids
-        n_before = frame.height
+    def bucketed(item: list[tuple[pl.DataFrame, NormalizeReport, str]]) -> _Bucketed:
+        """One normalised group (``item``'s one ``(frame, report, where)``, taken out so that each
+        copy is freed as soon as the next exists) split per (day, event type, hour), nothing
+        written: runs on the staging threads (no shared state is touched here)."""
+        frame, report, where = item.pop()
+        out = _Bucketed(report=report, rows=frame.height)
         if not frame.select(in_window.all(ignore_nulls=False)).item():
             frame = frame.filter(in_window)
-        outside += n_before - frame.height
+        out.outside = out.rows - frame.height
         if not frame.height:
-            return
-        oldest = frame.get_column("inserted_at").min() if sealer is not None else None
+            return out
+        out.oldest = frame.get_column("inserted_at").min() if sealer is not None else None
         bad_types = frame.filter(~known) if frame.select((~known).any()).item() else None
         if bad_types is not None:
             for day_value, bad in bad_types.group_by(pl.col("inserted_at").dt.date().alias("_d"), maintain_order=True):
                 key = day_value[0].isoformat()
                 sample = bad.get_column("event_type").unique(maintain_order=True).head(5).to_list()
-                message = (
+                out.errors.append((key, (
                     f"sync job {sync_job!r}, partition {key}: column 'event_type' has {bad.height} "
                     f"value(s) outside the Userpilot Event Schema, e.g. {sample!r} ({where}); "
                     f"known event types are {', '.join(EVENT_TYPES)}. Nothing was exported for this partition."
-                )
+                )))
                 if len(days) == 1:
-                    raise ValidationError(message)
-                errors.setdefault(key, message)
+                    return out  # raised when the group's turn comes; nothing of it is staged
             frame = frame.filter(known)
         frame = frame.drop(excluded).with_columns(
             pl.col("inserted_at").dt.date().alias("_day"), pl.col("inserted_at").dt.hour().alias("_hour")
         )
-        for (day, event_type, hour), part in frame.partition_by(
-            ["_day", "event_type", "_hour"], as_dict=True, maintain_order=True
-        ).items():
+        split = frame.partition_by(["_day", "event_type", "_hour"], as_dict=True, maintain_order=True)
+        del frame
+        for day, event_type, hour in list(split):  # each part freed once it is Arrow: one copy at a time
+            part = split.pop((day, event_type, hour)).drop("_day", "_hour")
+            out.parts.append((day, event_type, hour, part.to_arrow().cast(writers.schema)))
+            del part
+        return out
+
+    def stage(group: _Bucketed) -> None:
+        """Count one bucketed group and append its parts to the staged files (in source order)."""
+        nonlocal outside, unknown_columns, computed_ids
+        unknown_columns |= group.report.unknown_columns
+        computed_ids += group.report.computed_ids
+        outside += group.outside
+        for key, message in group.errors:
+            if len(days) == 1:
+                raise ValidationError(message)
+            errors.setdefault(key, message)
+        if not group.rows - group.outside:
+            return
+        for day, event_type, hour, table in group.parts:
             key = day.isoformat()
-            received[key] += part.height
-            by_type[key][event_type] += part.height
-            writers.write(day, event_type, hour, part.drop("_day", "_hour").to_arrow())
+            received[key] += table.num_rows
+            by_type[key][event_type] += table.num_rows
+            writers.write(day, event_type, hour, table)
         if sealer is not None:
-            sealer.staged(oldest)
+            sealer.staged(group.oldest)
         pause_point("extracting", scope=sync_job)  # fault-injection suite only: a no-op otherwise
 
-    def normalized_groups(groups: Iterable[list[SourceBatch]]) -> Iterator[tuple[pl.DataFrame, NormalizeReport, str]]:
-        """(frame, report, where) per coalesced group of source batches, normalised."""
-        for group in groups:
-            if len(group) > 1:
-                # Small batches are normalised and bucketed together (same rows, same order, far less
-                # per-batch overhead). Any error or unknown event type: redo batch by batch, so
-                # messages and counts name the batch exactly as without coalescing.
-                try:
-                    frame, report = normalize_arrow(_concat(group), where=group[0].where)
-                    clean = not frame.select((in_window & ~known).any()).item()
-                except Exception:
-                    clean = False
-                if clean:
-                    yield frame, report, group[0].where
-                    continue
-            for batch in group:
-                yield (*normalized(batch.data, batch.where), batch.where)
+    def normalized_and_bucketed(holder: list[list[SourceBatch]]) -> list[_Bucketed]:
+        """A coalesced group of source batches (``holder``'s one item, taken out so that the batches
+        are freed once normalised), normalised and bucketed: one result, or one per batch."""
+        group = holder.pop()
+        if len(group) > 1:
+            # Small batches are normalised and bucketed together (same rows, same order, far less
+            # per-batch overhead). Any error or unknown event type: redo batch by batch, so
+            # messages and counts name the batch exactly as without coalescing.
+            try:
+                frame, report = normalize_arrow(_concat(group), where=group[0].where)
+                clean = not frame.select((in_window & ~known).any()).item()
+            except Exception:
+                clean = False
+            if clean:
+                item = [(frame, report, group[0].where)]
+                del frame, group
+                return [bucketed(item)]
+        out = []
+        for batch in group:
+            item = [(*normalized(batch.data, batch.where), batch.where)]
+            out.append(bucketed(item))
+        return out
 
-    # Three threads in a pipeline: the source is read (decoded) one batch ahead, the next group is
-    # normalised while this one is bucketed and written; errors surface here in the source's order.
+    # A pipeline: the source is read (decoded) one batch ahead on a thread of its own; the next
+    # groups are normalised and split per (day, event type, hour) on STAGE_THREADS threads while
+    # this thread appends the groups' parts to the staged files strictly in source order (the same
+    # files, byte for byte, as one thread); errors surface here in the source's order.
     source_batches = _prefetched(extraction.batches)
-    frames = _prefetched(normalized_groups(_coalesced(source_batches)), name="userpilot_sync-normalize")
+    frames = _ordered_map(normalized_and_bucketed, ([group] for group in _coalesced(source_batches)),
+                          threads=stage_threads())
     try:
-        for frame, report, where in frames:
-            stage(frame, report, where)
+        for groups in frames:
+            for group in groups:
+                stage(group)
         writers.close()
         if sealer is not None:
             sealer.finish()
