@@ -1,5 +1,5 @@
 """The process-wide library settings ``userpilot_sync/__init__.py`` makes (docs/configuration.md):
-Arrow's jemalloc pool and polars' in-memory engine for lazy queries, whether pyarrow and polars
+Arrow's jemalloc pool (returning freed memory within 100 ms) and polars' in-memory engine for lazy queries, whether pyarrow and polars
 are imported before or after this package, and never over a choice the user made.
 
 Each case runs in a fresh interpreter: these settings are read once per process. Which engine ran
@@ -23,6 +23,10 @@ import json, os, sys
 before, after = sys.argv[1], sys.argv[2]
 for name in filter(None, before.split(",")):
     __import__(name)
+decays = []
+if "pyarrow" in sys.modules:  # record what the package asks of Arrow's jemalloc when imported after it
+    _set_decay = sys.modules["pyarrow"].jemalloc_set_decay_ms
+    sys.modules["pyarrow"].jemalloc_set_decay_ms = lambda ms: (decays.append(ms), _set_decay(ms))
 if after == "engine-object":
     import polars as pl
     pl.Config.set_engine_affinity(pl.StreamingEngine())
@@ -33,7 +37,8 @@ pl.Config.set_verbose(True)
 pl.LazyFrame({"a": [1, 2, 3]}).select(pl.col("a").sum()).collect()
 pl.Config.set_verbose(False)
 print(json.dumps({"pool": pa.default_memory_pool().backend_name,
-                  "pool_env": os.environ.get("ARROW_DEFAULT_MEMORY_POOL")}))
+                  "pool_env": os.environ.get("ARROW_DEFAULT_MEMORY_POOL"),
+                  "jemalloc_env": os.environ.get("JE_ARROW_MALLOC_CONF"), "decays": decays}))
 """
 
 jemalloc = pytest.mark.skipif("jemalloc" not in pa.supported_memory_backends() or not sys.platform.startswith("linux"),
@@ -43,7 +48,8 @@ jemalloc = pytest.mark.skipif("jemalloc" not in pa.supported_memory_backends() o
 def _probe(before: str, after: str = "", **env: str) -> tuple[dict, bool]:
     """(what the probe printed, whether polars' streaming engine ran its query)."""
     clean = {k: v for k, v in os.environ.items()
-             if k not in ("ARROW_DEFAULT_MEMORY_POOL", "POLARS_ENGINE_AFFINITY", "POLARS_VERBOSE")}
+             if k not in ("ARROW_DEFAULT_MEMORY_POOL", "JE_ARROW_MALLOC_CONF", "POLARS_ENGINE_AFFINITY",
+                          "POLARS_VERBOSE")}
     out = subprocess.run([sys.executable, "-c", PROBE, before, after], env={**clean, **env}, check=True,
                          capture_output=True, text=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1]), "polars-stream" in out.stderr
@@ -62,6 +68,18 @@ def test_arrow_pool_is_jemalloc_whatever_is_imported_first(before):
     assert got["pool"] == "jemalloc", got
     # processes started from this one (run workers, the benchmark's children) get the same pool
     assert got["pool_env"] == "jemalloc"
+
+
+@jemalloc
+@pytest.mark.parametrize("before", ["", "pyarrow,polars"], ids=["package first", "libraries first"])
+def test_arrow_jemalloc_returns_freed_memory_within_100_ms_whatever_is_imported_first(before):
+    got, _ = _probe(before)
+    # read by Arrow's jemalloc when it starts, in this process and the processes it starts
+    assert got["jemalloc_env"] == "dirty_decay_ms:100,muzzy_decay_ms:100", got
+    # pyarrow imported first: its jemalloc may have started already, so the package also asks it
+    assert got["decays"] == ([100] if before else []), got
+    mine, _ = _probe("pyarrow", JE_ARROW_MALLOC_CONF="dirty_decay_ms:5000")
+    assert mine["jemalloc_env"] == "dirty_decay_ms:5000" and mine["decays"] == [], mine
 
 
 def test_the_probe_sees_the_streaming_engine_when_it_runs():
