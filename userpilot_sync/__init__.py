@@ -74,7 +74,9 @@ ARROW_JEMALLOC_ENV = "JE_ARROW_MALLOC_CONF"
 ARROW_DECAY_MS = 100
 if ARROW_JEMALLOC_ENV not in _os.environ and _sys.platform.startswith("linux"):
     _os.environ[ARROW_JEMALLOC_ENV] = f"dirty_decay_ms:{ARROW_DECAY_MS},muzzy_decay_ms:{ARROW_DECAY_MS}"
-    if "pyarrow" in _sys.modules:  # its jemalloc may have read the environment already
+    # pyarrow imported first: its jemalloc may have read the environment already. Arrow's setter
+    # applies to arenas created from now on (Arrow's own docs); arenas made before keep Arrow's 1 s.
+    if "pyarrow" in _sys.modules:
         try:
             _sys.modules["pyarrow"].jemalloc_set_decay_ms(ARROW_DECAY_MS)
         except NotImplementedError:  # a pyarrow built without jemalloc

@@ -298,7 +298,7 @@ def stage_and_prepare(job: SyncJob, days: list[date], staging_root: Path, source
     work = Path(staging_root) / job.name / temp_name(".work")
     keep = rows_needed(job)
     n = max(1, threads or prepare_threads())
-    # while staging runs (about 1.4 cores busy on three threads) at most n - 1 exports are open at once
+    # while staging runs (reading, normalising on staging.stage_threads() threads, writing) at most n - 1 exports are open at once
     # (each holds its encoders' pending rows, up to a row group, and a group being validated): the others'
     # groups wait, as references, until one is complete or staging is done; then every thread prepares
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="userpilot_sync-prepare") as pool:

@@ -473,17 +473,24 @@ class _Bucketed:
 
 def stage_threads() -> int:
     """Threads normalising and splitting source groups while staging: ``USERPILOT_SYNC_STAGE_THREADS``,
-    else 2 (at most the machine's cores). Output does not depend on it."""
+    else 2 (at most the CPUs this process may run on). Output does not depend on it. Raises
+    ConfigError on a value that is not a positive integer."""
     value = os.environ.get(STAGE_THREADS_ENV, "").strip()
     if value:
         try:
             threads = int(value)
+            if threads < 1:
+                raise ValueError
         except ValueError:
-            raise ValueError(f"{STAGE_THREADS_ENV}={value!r} is not a whole number of threads") from None
-        if threads < 1:
-            raise ValueError(f"{STAGE_THREADS_ENV}={value!r}: use 1 or more threads")
+            from userpilot_sync.errors import ConfigError
+
+            raise ConfigError(f"{STAGE_THREADS_ENV}={value!r}: expected a positive integer (threads)") from None
         return threads
-    return max(1, min(2, os.cpu_count() or 1))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(2, cpus))
 
 
 def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], *, threads: int) -> Iterator[Any]:
@@ -552,6 +559,7 @@ def stage_days(
     wanted = {d.isoformat() for d in days}
     excluded = sorted(set(exclude_columns))
     schema = staged_arrow_schema(excluded)
+    threads = stage_threads()  # a bad setting is refused before anything is written
     root = Path(root)
     tmp_root = root / sync_job / temp_name(".staging")
     tmp_root.mkdir(parents=True, exist_ok=True)
@@ -626,16 +634,19 @@ def stage_days(
             errors.setdefault(key, message)
         if not group.rows - group.outside:
             return
-        for day, event_type, hour, table in group.parts:
+        group.parts.reverse()
+        while group.parts:  # each part freed once written, not when the next group arrives
+            day, event_type, hour, table = group.parts.pop()
             key = day.isoformat()
             received[key] += table.num_rows
             by_type[key][event_type] += table.num_rows
             writers.write(day, event_type, hour, table)
+            del table
         if sealer is not None:
             sealer.staged(group.oldest)
         pause_point("extracting", scope=sync_job)  # fault-injection suite only: a no-op otherwise
 
-    def normalized_and_bucketed(holder: list[list[SourceBatch]]) -> list[_Bucketed]:
+    def normalized_and_bucketed(holder: list[list[SourceBatch]]) -> list[_Bucketed | BaseException]:
         """A coalesced group of source batches (``holder``'s one item, taken out so that the batches
         are freed once normalised), normalised and bucketed: one result, or one per batch."""
         group = holder.pop()
@@ -652,10 +663,19 @@ def stage_days(
                 item = [(frame, report, group[0].where)]
                 del frame, group
                 return [bucketed(item)]
-        out = []
+        out: list[_Bucketed | BaseException] = []
         for batch in group:
-            item = [(*normalized(batch.data, batch.where), batch.where)]
+            # batch by batch as without coalescing: an error is handed on as a result, after the
+            # batches before it, so that what they would raise first (an unknown event type in a
+            # one-day extraction) still comes first; nothing after a failing batch is read
+            try:
+                item = [(*normalized(batch.data, batch.where), batch.where)]
+            except Exception as exc:
+                out.append(exc)
+                break
             out.append(bucketed(item))
+            if out[-1].errors and len(days) == 1:
+                break  # this batch refuses the day: the batches after it would not be looked at
         return out
 
     # A pipeline: the source is read (decoded) one batch ahead on a thread of its own; the next
@@ -664,10 +684,12 @@ def stage_days(
     # files, byte for byte, as one thread); errors surface here in the source's order.
     source_batches = _prefetched(extraction.batches)
     frames = _ordered_map(normalized_and_bucketed, ([group] for group in _coalesced(source_batches)),
-                          threads=stage_threads())
+                          threads=threads)
     try:
         for groups in frames:
             for group in groups:
+                if isinstance(group, BaseException):
+                    raise group  # a batch that failed after the group's earlier batches (in source order)
                 stage(group)
         writers.close()
         if sealer is not None:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pytest
 
 from userpilot_sync import staging as staging_module
-from userpilot_sync.errors import SourceError, ValidationError
+from userpilot_sync.errors import ConfigError, SourceError, ValidationError
 from userpilot_sync.pipeline import extract_and_stage
 from userpilot_sync.source import demo as demo_module
 from userpilot_sync.source.base import Extraction, SourceBatch
@@ -32,6 +32,11 @@ def small_groups(monkeypatch):
     is staged in ~30 groups, so several are in flight on the staging threads at once."""
     monkeypatch.setattr(staging_module, "COALESCE_ROWS", 100)
     monkeypatch.setattr(demo_module, "BATCH_ROWS", 1)
+
+
+#: the batch whose group is the last one the source completes before failing after batch 60 (groups of
+#: ~3 demo batches); test_a_bad_group_before_a_failing_source_is_the_error_reported checks it is
+BAD_BATCH = 56
 
 
 class Arranged:
@@ -65,13 +70,13 @@ def _staged(tmp_path: Path, monkeypatch, threads: int, days, source) -> dict:
     return out
 
 
-def _with_event_type(batches, at: int, value: str):
-    """Batch ``at`` with its first row's ``event_type`` set to ``value``."""
+def _with_value(batches, at: int, value: str, column: str = "event_type"):
+    """Batch ``at`` with its first row's ``column`` set to ``value``."""
     batch = batches[at]
     table = batch.data if isinstance(batch.data, pa.Table) else pa.Table.from_batches([batch.data])
-    index = table.schema.get_field_index("event_type")
+    index = table.schema.get_field_index(column)
     mask = pa.array([i == 0 for i in range(table.num_rows)])
-    table = table.set_column(index, "event_type", pc.if_else(mask, pa.scalar(value), table.column(index)))
+    table = table.set_column(index, column, pc.if_else(mask, pa.scalar(value), table.column(index)))
     return batches[:at] + [SourceBatch(batch.where, table)] + batches[at + 1:]
 
 
@@ -93,22 +98,23 @@ def test_staged_files_and_counts_do_not_depend_on_the_threads(tmp_path, monkeypa
 
 
 def test_an_unknown_event_type_gives_the_same_error_on_any_number_of_threads(tmp_path, monkeypatch):
-    # one day: refused with the first bad group's message, even when later groups were split already
+    # one day: refused with the first bad group's message, although the next groups (batches ~10-15,
+    # 'tracked') are split at the same time on other threads and fail too
     messages = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         monkeypatch.setenv(STAGE_THREADS_ENV, str(threads))
         root = tmp_path / f"one-{threads}"
         with pytest.raises(ValidationError) as caught:
-            extract_and_stage(make_job(root), [DAY], root / "staging",
-                              Arranged(lambda b: _with_event_type(_with_event_type(b, 40, "tracked"), 7, "bogus")))
+            extract_and_stage(make_job(root), [DAY], root / "staging", Arranged(
+                lambda b: _with_value(_with_value(_with_value(b, 13, "tracked"), 10, "tracked"), 7, "bogus")))
         messages.append(str(caught.value))
         assert [p for p in (root / "staging").rglob("*") if p.is_file()] == []
-    assert messages[0] == messages[1]
+    assert messages[0] == messages[1] == messages[2]
     assert "'bogus'" in messages[0] and f"partition {PARTITION}" in messages[0]
     # a range: the day is marked failed with the same message, the other days staged as usual
     days = [DAY - timedelta(days=1), DAY]
     ranged = [_staged(tmp_path / "range", monkeypatch, threads, days,
-                      Arranged(lambda b: _with_event_type(b, len(b) - 3, "bogus")))
+                      Arranged(lambda b: _with_value(b, len(b) - 3, "bogus")))
               for threads in (1, 2)]
     assert ranged[0] == ranged[1]
     assert "'bogus'" in ranged[0][PARTITION]["record"]["error"]
@@ -121,7 +127,8 @@ def _refused_on_any_threads(tmp_path: Path, monkeypatch, source, error: type, ma
         root = tmp_path / str(threads)
         with pytest.raises(error, match=match):
             extract_and_stage(make_job(root), [DAY], root / "staging", source)
-        assert [p for p in (root / "staging").rglob("*") if p.is_file()] == []
+        assert [p for p in (root / "staging").rglob("*") if p.is_file() or p.name.startswith(".")] == []
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("userpilot_sync-")]
 
 
 def test_a_source_failing_midway_raises_its_error_and_leaves_nothing(tmp_path, monkeypatch):
@@ -133,14 +140,31 @@ def test_a_source_failing_midway_raises_its_error_and_leaves_nothing(tmp_path, m
 
 
 def test_a_bad_group_before_a_failing_source_is_the_error_reported(tmp_path, monkeypatch):
-    """Errors surface in source order: an unknown event type in batch 52 wins over the source failing
-    after batch 60, as with one thread (with two, the source's error is read while that batch's
-    group is still being split, or waiting its turn)."""
+    """Errors surface in source order: an unknown event type in the last group the source completes
+    wins over the source failing right after it, as with one thread. With two threads the source's
+    error is read while that group is still being split or waits its turn (the failure is reached)."""
+    reached = []
+
     def bad_then_failing(batches):
-        yield from _with_event_type(batches, 52, "bogus")[:60]
+        yield from _with_value(batches, BAD_BATCH, "bogus")[:60]
+        reached.append(True)
         raise SourceError("chunk 61 is broken")
 
     _refused_on_any_threads(tmp_path, monkeypatch, Arranged(bad_then_failing), ValidationError, "'bogus'")
+    assert reached, "the source's failure was never read: the case does not test what it says"
+
+
+def test_a_bad_batch_before_a_broken_one_in_a_group_is_the_error_reported(tmp_path, monkeypatch):
+    """A coalesced group with an error is redone batch by batch: an unknown event type in batch 7
+    comes before batch 8's unreadable metadata, as batch by batch, on any number of threads."""
+    def two_bad(batches):
+        return _with_value(_with_value(batches, 8, "not json", column="metadata"), 7, "bogus")
+
+    _refused_on_any_threads(tmp_path, monkeypatch, Arranged(two_bad), ValidationError, "'bogus'")
+    # and the broken batch alone is refused as unreadable, naming it
+    _refused_on_any_threads(tmp_path / "alone", monkeypatch,
+                            Arranged(lambda b: _with_value(b, 8, "not json", column="metadata")),
+                            SourceError, "metadata")
 
 
 def test_ordered_map_keeps_order_and_uses_the_threads():
@@ -209,5 +233,12 @@ def test_stage_threads_setting(monkeypatch):
     assert stage_threads() == 3
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv(STAGE_THREADS_ENV, bad)
-        with pytest.raises(ValueError, match=STAGE_THREADS_ENV):
+        with pytest.raises(ConfigError, match=STAGE_THREADS_ENV):
             stage_threads()
+
+
+def test_a_bad_thread_setting_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv(STAGE_THREADS_ENV, "two")
+    with pytest.raises(ConfigError, match=STAGE_THREADS_ENV):
+        extract_and_stage(make_job(tmp_path), [DAY], tmp_path / "staging", Arranged())
+    assert not any((tmp_path / "staging").rglob(".staging*"))
