@@ -37,7 +37,7 @@ from userpilot_sync.export import ExportPreparer, PreparedExport, prepare_export
 from userpilot_sync.partitions import check_in_window, day_window, parse_partition
 from userpilot_sync.source.base import EventSource, ExtractRequest
 from userpilot_sync.source.factory import build_source
-from userpilot_sync.staging import StagedDay, stage_days, temp_name
+from userpilot_sync.staging import StagedDay, stage_days, temp_name, threads_setting, usable_cpus
 
 
 @dataclass
@@ -413,19 +413,7 @@ def prepare_threads() -> int:
     this process may run on (``os.sched_getaffinity``). polars and pyarrow release the GIL while
     they filter, sort and encode, so threads use the cores; each thread holds about one group of
     ``export.VALIDATION_ROWS`` rows. Raises ConfigError on a value that is not a positive integer."""
-    value = os.environ.get(THREADS_ENV)
-    if value:
-        try:
-            n = int(value)
-            if n < 1:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"{THREADS_ENV}={value!r}: expected a positive integer (threads)") from None
-        return n
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return threads_setting(THREADS_ENV, usable_cpus())
 
 
 def prepare_days(job: SyncJob, staged: Iterable[StagedDay], *, threads: int | None = None

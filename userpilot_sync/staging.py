@@ -6,8 +6,8 @@ Layout of one staged partition (``<root>/<sync_job>/<YYYY-MM-DD>/``)::
     staged.json                        the StagedDay record (counts, unknown columns, source facts, and
                                        which record batches of which file hold each hour: ``batches``)
 
-Staged files are Arrow IPC files (LZ4-compressed buffers): they live only until the export is
-written, and IPC costs a fraction of Parquet's encoding to write and is read back without decoding
+Staged files are Arrow IPC files (uncompressed by default, ``STAGED_COMPRESSION_ENV``): they live
+only until the export is written, and IPC costs a fraction of Parquet's encoding to write and is read back without decoding
 (see docs/performance.md). Every record batch of a staged file holds the events of one hour (UTC,
 by ``inserted_at``); ``StagedDay.batches`` indexes them, so preparation reads an hour (or a run of
 hours) by memory-mapping exactly its batches.
@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import polars as pl
 import pyarrow as pa
 
-from userpilot_sync.errors import SourceError, ValidationError
+from userpilot_sync.errors import ConfigError, SourceError, ValidationError
 from userpilot_sync.faults import pause_point
 from userpilot_sync.partitions import day_window
 from userpilot_sync.schema.events import EVENT_TYPES, staged_arrow_schema
@@ -71,8 +71,6 @@ def staged_compression() -> str | None:
     :data:`STAGED_COMPRESSION_ENV`. Raises ConfigError for another value."""
     value = os.environ.get(STAGED_COMPRESSION_ENV, "none").strip().lower() or "none"
     if value not in _COMPRESSIONS:
-        from userpilot_sync.errors import ConfigError
-
         raise ConfigError(f"{STAGED_COMPRESSION_ENV}={value!r} is not a staging compression; "
                           f"choose one of {', '.join(_COMPRESSIONS)}")
     return _COMPRESSIONS[value]
@@ -218,7 +216,7 @@ class _BucketWriters:
         else:
             self.writers.move_to_end(key)
         writer, number, written = entry
-        rows = writer.write_batches(table.cast(self.schema))
+        rows = writer.write_batches(table)  # already in the staged schema (cast on the staging threads)
         self.index.setdefault(key, []).extend([hour, number, written[0] + i, n] for i, n in enumerate(rows))
         written[0] += len(rows)
 
@@ -471,26 +469,34 @@ class _Bucketed:
     parts: list[tuple[date, str, int, pa.Table]] = field(default_factory=list)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``; elsewhere ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_setting(env: str, default: int) -> int:
+    """A thread count from the environment variable ``env``, else ``default``. Raises ConfigError
+    on a value that is not a positive integer."""
+    value = os.environ.get(env)
+    if not value:
+        return default
+    try:
+        threads = int(value)
+        if threads < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{env}={value!r}: expected a positive integer (threads)") from None
+    return threads
+
+
 def stage_threads() -> int:
     """Threads normalising and splitting source groups while staging: ``USERPILOT_SYNC_STAGE_THREADS``,
     else 2 (at most the CPUs this process may run on). Output does not depend on it. Raises
     ConfigError on a value that is not a positive integer."""
-    value = os.environ.get(STAGE_THREADS_ENV, "").strip()
-    if value:
-        try:
-            threads = int(value)
-            if threads < 1:
-                raise ValueError
-        except ValueError:
-            from userpilot_sync.errors import ConfigError
-
-            raise ConfigError(f"{STAGE_THREADS_ENV}={value!r}: expected a positive integer (threads)") from None
-        return threads
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(2, cpus))
+    return threads_setting(STAGE_THREADS_ENV, min(2, usable_cpus()))
 
 
 def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], *, threads: int) -> Iterator[Any]:
